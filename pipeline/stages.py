@@ -1,0 +1,16 @@
+"""The stage kinds a workflow may name. Each module has `Config` (pydantic) and `run(cfg, ctx)`."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+STAGES: dict[str, str] = {
+    "base_model": "experts.base_model",
+    "sft": "experts.sft",
+    "eval": "experts.eval",
+}
+
+
+def stage_module(kind: str) -> ModuleType:
+    return importlib.import_module(STAGES[kind])
