@@ -1,0 +1,94 @@
+"""The chunked distillation loss is the naive full-logits loss, values and gradients."""
+
+import math
+
+import pytest
+import torch
+
+from distill.loss import DIVERGENCES, distill_loss, distill_loss_reference
+
+
+def _inputs(tokens=37, hidden_s=8, hidden_t=12, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(tokens, hidden_s, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(vocab, hidden_s, generator=g, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(tokens, hidden_t, generator=g, dtype=torch.float64)
+    wt = torch.randn(vocab, hidden_t, generator=g, dtype=torch.float64)
+    mask = torch.rand(tokens, generator=g) > 0.3
+    return hs, ws, ht, wt, mask
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+def test_chunked_equals_naive_values_and_gradients(divergence, temperature):
+    hs, ws, ht, wt, mask = _inputs()
+    kw = dict(mask=mask, divergence=divergence, temperature=temperature, beta=0.3)
+    # chunk_size 8 over 37 tokens: several chunks and a ragged last one
+    got = distill_loss(hs, ws, ht, wt, chunk_size=8, **kw)
+    g_hs, g_ws = torch.autograd.grad(got.loss, (hs, ws))
+    ref = distill_loss_reference(hs, ws, ht, wt, **kw)
+    r_hs, r_ws = torch.autograd.grad(ref.loss, (hs, ws))
+
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.per_token, ref.per_token, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_hs, r_hs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_ws, r_ws, atol=1e-5, rtol=1e-5)
+    assert (got.per_token[~mask] == 0).all() and (g_hs[~mask] == 0).all(), "masked tokens contribute nothing"
+    assert got.loss > 0
+
+
+def test_scaled_upstream_gradient_and_float32_bf16_teacher():
+    """loss * 3 scales the gradient by 3; a bf16 cached teacher and a float32 student work."""
+    hs, ws, ht, wt, mask = _inputs()
+    hs32 = hs.detach().float().requires_grad_()
+    ws32 = ws.detach().float().requires_grad_()
+    out = distill_loss(hs32, ws32, ht.bfloat16(), wt.float(), mask, chunk_size=5)
+    (3 * out.loss).backward()
+    ref = distill_loss_reference(hs32, ws32, ht.bfloat16().float(), wt.float(), mask)
+    r_hs, r_ws = torch.autograd.grad(3 * ref.loss, (hs32, ws32))
+    torch.testing.assert_close(hs32.grad, r_hs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ws32.grad, r_ws, atol=1e-5, rtol=1e-4)
+    assert hs32.grad.dtype == torch.float32
+
+
+def test_hand_worked_two_token_vocabulary():
+    # student logits [0, 0] -> q = [1/2, 1/2]; teacher logits [0, ln 3] -> p = [1/4, 3/4]
+    eye = torch.eye(2, dtype=torch.float64)
+    hs = torch.zeros(1, 2, dtype=torch.float64)
+    ht = torch.tensor([[0.0, math.log(3)]], dtype=torch.float64)
+    # reverse KL(q||p) = 1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4) = 1/2 ln(4/3) = 0.143841
+    assert distill_loss(hs, eye, ht, eye).loss.item() == pytest.approx(0.5 * math.log(4 / 3))
+    # forward KL(p||q) = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.130812
+    fwd = distill_loss(hs, eye, ht, eye, divergence="forward_kl").loss.item()
+    assert fwd == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    # JSD(0.5): m = [3/8, 5/8]; 1/2 KL(p||m) + 1/2 KL(q||m) = 0.0358 (symmetric JS divergence)
+    m = [3 / 8, 5 / 8]
+    jsd = 0.5 * (0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1])) + 0.5 * (
+        0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])
+    )
+    assert distill_loss(hs, eye, ht, eye, divergence="jsd", beta=0.5).loss.item() == pytest.approx(jsd)
+    # identical distributions: every divergence is 0
+    for d in DIVERGENCES:
+        assert distill_loss(ht, eye, ht, eye, divergence=d).loss.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gradients_reach_the_student_only_and_no_grad_mode_is_cheap():
+    hs, ws, ht, wt, mask = _inputs()
+    ht.requires_grad_()
+    wt.requires_grad_()
+    out = distill_loss(hs, ws, ht, wt, mask)
+    out.loss.backward()
+    assert hs.grad is not None and ws.grad is not None
+    assert ht.grad is None and wt.grad is None
+    with torch.no_grad():
+        assert distill_loss(hs, ws, ht, wt, mask).loss.grad_fn is None
+
+
+def test_bad_arguments_are_clear_errors():
+    hs, ws, ht, wt, mask = _inputs()
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        distill_loss(hs, ws, ht, wt, divergence="kl")
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        distill_loss(hs, ws, ht, wt[:-1])
+    with pytest.raises(ValueError, match="0 < beta < 1"):
+        distill_loss(hs, ws, ht, wt, divergence="jsd", beta=1.0)
