@@ -1,0 +1,422 @@
+"""`SandboxPool`: one machine's pool of warm, hardened containers with a fair queue and sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+
+from sandbox.container import LABEL, Box, Limits, Result, SandboxError, docker_client, is_orphan
+from sandbox.image import DEFAULT_IMAGE
+from sandbox.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+CODE_PATH = "/tmp/main.py"  # where `run(code=...)` puts the program (argv would cap it at 128 KiB)
+
+
+def command_argv(cmd: str | list[str]) -> list[str]:
+    """A shell string runs under bash -c; a list is an argv.
+
+    >>> command_argv("echo hi | wc -c")
+    ['bash', '-c', 'echo hi | wc -c']
+    """
+    return ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+
+
+def reap_orphans(client, everything: bool = False) -> list[str]:
+    """Remove sandbox containers whose owning process is dead (or all of them); returns their names."""
+    removed = []
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        if everything or is_orphan(c.labels):
+            try:
+                c.remove(force=True)
+                removed.append(c.name)
+            except docker.errors.NotFound:
+                pass
+    if removed:
+        log.info("removed %d leaked sandbox container(s): %s", len(removed), ", ".join(removed))
+    return removed
+
+
+class _Waiter:
+    """One caller in the FIFO queue: handed either an idle box or the right to start one."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.box: Box | None = None
+        self.may_start = False
+
+
+class _Lease:
+    def __init__(self, box: Box, traj: Trajectory | None, ttl_s: float):
+        self.box, self.traj, self.ttl_s = box, traj, ttl_s
+        self.expires = time.monotonic() + ttl_s
+        self.lock = threading.Lock()  # one call at a time per session
+
+
+class SandboxPool:
+    """Keeps `size` warm containers; `run` borrows one per call, `session` holds one per episode.
+
+    At most `size` execs run at once; further callers wait in strict FIFO order. At most
+    `max_starting` containers start at once and each start has a deadline (`limits.start_timeout_s`).
+    A container that died, timed out at the channel level, or failed its reset is destroyed and
+    replaced in the background; a healthy one is reset (processes killed, /work wiped) and reused.
+    """
+
+    def __init__(
+        self,
+        size: int = 2,
+        image: str = DEFAULT_IMAGE,
+        limits: Limits | None = None,
+        *,
+        max_starting: int = 4,
+        session_ttl_s: float = 900.0,
+        warm: bool = True,
+    ):
+        self.size, self.image = size, image
+        self.limits = limits or Limits()
+        self.session_ttl_s = session_ttl_s
+        self.pool_id = uuid.uuid4().hex[:12]
+        self.client = docker_client(timeout=self.limits.start_timeout_s)
+        try:
+            self.client.images.get(image)
+        except docker.errors.ImageNotFound:
+            raise SandboxError(f"image {image!r} not found locally: run `python -m sandbox build-image`") from None
+        reap_orphans(self.client)
+        self._lock = threading.Lock()
+        self._idle: list[Box] = []
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._n_live = 0  # boxes existing or being started
+        self._replacing = 0  # background destroy/refill threads in flight
+        self._start_slots = threading.BoundedSemaphore(max_starting)
+        self._sessions: dict[str, _Lease] = {}
+        self._closed = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(max(32, 4 * size), "sandbox-async")
+        self.stats = collections.Counter()
+        self._stop = threading.Event()
+        threading.Thread(target=self._expire_loop, name="sandbox-lease", daemon=True).start()
+        self._finalizer = weakref.finalize(self, SandboxPool._destroy_all, self._lock, self._idle, self._sessions)
+        atexit.register(self._finalizer)
+        if warm:
+            self._warm_up()
+
+    # -- public API ----------------------------------------------------------------------------
+    def run(
+        self,
+        code: str | None = None,
+        *,
+        cmd: str | list[str] | None = None,
+        files: dict[str, str | bytes] | None = None,
+        stdin: str | bytes | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        """Run Python `code` (or a shell `cmd`) in a fresh-state container; never raises for user code."""
+        if (code is None) == (cmd is None):
+            raise ValueError("pass exactly one of code= or cmd=")
+        files = dict(files or {})
+        if code is not None:
+            files[CODE_PATH] = code
+            argv = ["python3", CODE_PATH]
+        else:
+            argv = command_argv(cmd)
+        try:
+            box = self._checkout()
+        except SandboxError as e:
+            return Result.failed(str(e))
+        result = box.exec(argv, files=files, stdin=stdin, timeout=timeout)
+        self._checkin(box)
+        return result
+
+    async def arun(self, code: str | None = None, **kwargs: Any) -> Result:
+        """`run` for asyncio callers (waits in the same FIFO queue, off the event loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: self.run(code, **kwargs))
+
+    def session(self, trajectory: str | Path | None = None, ttl_s: float | None = None) -> Session:
+        """Hold one container for a multi-turn episode (`with pool.session() as s:`).
+
+        With `trajectory`, every call is appended to that JSONL file. If the file already holds a
+        session that this pool still keeps alive (its worker died mid-episode), the session is
+        resumed: the logged calls are answered from the log, not re-run, then execution continues.
+        """
+        return Session(self, self.open_session(trajectory, ttl_s))
+
+    def open_session(self, trajectory: str | Path | None = None, ttl_s: float | None = None) -> str:
+        """Open (or resume) a session and return its id; the id-based API is what the Ray actor serves."""
+        ttl_s = self.session_ttl_s if ttl_s is None else ttl_s
+        traj = Trajectory(Path(trajectory)) if trajectory is not None else None
+        if traj is not None and traj.session_id is not None:
+            if traj.closed:
+                raise SandboxError(f"{trajectory}: that episode already finished; use a new trajectory file")
+            with self._lock:
+                lease = self._sessions.get(traj.session_id)
+            if lease is None:
+                raise SandboxError(
+                    f"{trajectory}: session {traj.session_id} is no longer alive (container gone or lease "
+                    "expired); its state cannot be rebuilt without re-running commands, so restart the episode")
+            with lease.lock:
+                lease.traj = traj
+                lease.expires = time.monotonic() + lease.ttl_s
+            log.info("resuming session %s: %d logged call(s) will be replayed", traj.session_id, len(traj.replay))
+            return traj.session_id
+        box = self._checkout()
+        sid = uuid.uuid4().hex[:12]
+        if traj is not None:
+            traj.start(sid, self.image)
+        with self._lock:
+            self._sessions[sid] = _Lease(box, traj, ttl_s)
+        return sid
+
+    def session_call(self, sid: str, op: str, **args: Any) -> Any:
+        """One session operation: exec (cmd|code, stdin, timeout), write_file, read_file, close.
+
+        exec returns a Result dict; read_file returns text; write_file returns None.
+        """
+        with self._lock:
+            lease = self._sessions.get(sid)
+        if lease is None:
+            raise SandboxError(f"session {sid} is closed or expired")
+        with lease.lock:
+            lease.expires = time.monotonic() + lease.ttl_s
+            if lease.traj is not None and lease.traj.has_replay():
+                return lease.traj.replay_next(op, args)
+            out = self._do(lease.box, op, args)
+            if lease.traj is not None:
+                lease.traj.append(op, args, out)
+            lease.expires = time.monotonic() + lease.ttl_s
+            return out
+
+    def close_session(self, sid: str) -> None:
+        """Release the session's container: reset and reuse it, or destroy and replace it."""
+        with self._lock:
+            lease = self._sessions.pop(sid, None)
+        if lease is None:
+            return
+        with lease.lock:
+            if lease.traj is not None:
+                lease.traj.close()
+            self._checkin(lease.box)
+
+    def wait_settled(self, timeout: float = 30.0) -> bool:
+        """Wait until no container is being destroyed or replaced (tests use it before counting)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                if self._replacing == 0:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def containers(self) -> list[str]:
+        """Names of the containers that exist for this pool, as the daemon sees them."""
+        flt = {"label": f"{LABEL}.pool={self.pool_id}"}
+        return [c.name for c in self.client.containers.list(all=True, filters=flt)]
+
+    def ps(self) -> list[dict]:
+        """Live sandbox containers on this daemon (every pool's, not only ours)."""
+        return list_sandboxes(self.client)
+
+    def close(self) -> None:
+        """Destroy every container this pool owns."""
+        self._closed = True
+        self._stop.set()
+        self._finalizer()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> SandboxPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _do(self, box: Box, op: str, args: dict) -> Any:
+        if op == "exec":
+            code, cmd = args.get("code"), args.get("cmd")
+            files = {}
+            if code is not None:
+                files[CODE_PATH] = code
+                argv = ["python3", CODE_PATH]
+            else:
+                argv = command_argv(cmd)
+            return box.exec(argv, files=files, stdin=args.get("stdin"), timeout=args.get("timeout")).to_dict()
+        if op == "write_file":
+            box.write_file(args["path"], args["content"])
+            return None
+        if op == "read_file":
+            return box.read_file(args["path"], args.get("max_bytes")).decode("utf-8", "replace")
+        raise ValueError(f"unknown session op {op!r}")
+
+    def _warm_up(self) -> None:
+        with self._lock:
+            n = self.size - self._n_live
+            self._n_live += n
+        futures = [self._executor.submit(self._start_box) for _ in range(n)]
+        errors = []
+        for f in futures:
+            try:
+                self._checkin(f.result())
+            except Exception as e:  # noqa: BLE001 -- collected and re-raised below
+                with self._lock:
+                    self._n_live -= 1
+                errors.append(e)
+        if errors:
+            self.close()
+            raise SandboxError(f"could not start {len(errors)}/{n} sandbox(es): {errors[0]}")
+
+    def _start_box(self) -> Box:
+        deadline = self.limits.start_timeout_s
+        if not self._start_slots.acquire(timeout=deadline):
+            raise SandboxError(f"no start slot within {deadline}s (too many containers starting)")
+        try:
+            t0 = time.monotonic()
+            box = Box(self.client, self.image, self.limits, self.pool_id)
+            self.stats["started"] += 1
+            log.debug("started %s in %.2fs", box.name, time.monotonic() - t0)
+            return box
+        except Exception as e:
+            self.stats["start_failed"] += 1
+            raise SandboxError(f"starting a sandbox from {self.image} failed: {e}") from e
+        finally:
+            self._start_slots.release()
+
+    def _checkout(self) -> Box:
+        if self._closed:
+            raise SandboxError("pool is closed")
+        with self._lock:
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+            self._dispatch()
+        waiter.event.wait()
+        if waiter.box is not None:
+            return waiter.box
+        try:
+            return self._start_box()
+        except SandboxError:
+            with self._lock:
+                self._n_live -= 1
+                self._dispatch()
+            raise
+
+    def _dispatch(self) -> None:
+        """Hand idle boxes (or start rights) to waiters, oldest first. Caller holds the lock."""
+        while self._waiters and (self._idle or self._n_live < self.size):
+            w = self._waiters.popleft()
+            if self._idle:
+                w.box = self._idle.pop()
+            else:
+                self._n_live += 1
+                w.may_start = True
+            w.event.set()
+
+    def _checkin(self, box: Box) -> None:
+        if not box.dead and not self._closed and box.reset():
+            with self._lock:
+                self._idle.append(box)
+                self._dispatch()
+            return
+        self.stats["replaced"] += 1
+        with self._lock:
+            self._n_live -= 1
+            self._replacing += 1
+        # Destroying takes a daemon round trip; do it (and the refill) off the caller's path.
+        threading.Thread(target=self._replace, args=(box,), daemon=True).start()
+
+    def _replace(self, box: Box) -> None:
+        try:
+            self._destroy_and_refill(box)
+        finally:
+            with self._lock:
+                self._replacing -= 1
+
+    def _destroy_and_refill(self, box: Box) -> None:
+        box.destroy()
+        with self._lock:
+            if self._closed or self._n_live >= self.size or self._waiters:
+                self._dispatch()  # waiters start their own box; keeps start order FIFO
+                return
+            self._n_live += 1
+        try:
+            self._checkin(self._start_box())
+        except SandboxError as e:
+            log.warning("could not refill the pool: %s", e)
+            with self._lock:
+                self._n_live -= 1
+                self._dispatch()
+
+    def _expire_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            with self._lock:
+                expired = [sid for sid, lease in self._sessions.items() if lease.expires < now]
+            for sid in expired:
+                with self._lock:
+                    lease = self._sessions.pop(sid, None)
+                if lease is not None:
+                    log.warning("session %s expired after %.0fs idle; destroying its sandbox", sid, lease.ttl_s)
+                    lease.box.dead = True  # unknown state: never reuse
+                    self._checkin(lease.box)
+
+    @staticmethod
+    def _destroy_all(lock: threading.Lock, idle: list[Box], sessions: dict[str, _Lease]) -> None:
+        with lock:
+            boxes = list(idle) + [lease.box for lease in sessions.values()]
+            idle.clear()
+            sessions.clear()
+        for box in boxes:
+            box.destroy()
+
+
+class Session:
+    """A container held for one episode; state (files) persists between calls until `close`."""
+
+    def __init__(self, pool: SandboxPool, sid: str):
+        self.pool, self.id = pool, sid
+
+    def exec(self, cmd: str | list[str], *, stdin: str | None = None, timeout: float | None = None) -> Result:
+        """Run a shell command (string, via bash -c) or an argv in /work."""
+        return Result(**self.pool.session_call(self.id, "exec", cmd=cmd, stdin=stdin, timeout=timeout))
+
+    def python(self, code: str, *, stdin: str | None = None, timeout: float | None = None) -> Result:
+        """Run a Python program in /work."""
+        return Result(**self.pool.session_call(self.id, "exec", code=code, stdin=stdin, timeout=timeout))
+
+    def write_file(self, path: str, content: str) -> None:
+        """Write `content` to `path` (relative to /work, or under /tmp)."""
+        self.pool.session_call(self.id, "write_file", path=path, content=content)
+
+    def read_file(self, path: str, max_bytes: int | None = None) -> str:
+        """Read a file (capped at `max_bytes`, default the output cap)."""
+        return self.pool.session_call(self.id, "read_file", path=path, max_bytes=max_bytes)
+
+    def close(self) -> None:
+        self.pool.close_session(self.id)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def list_sandboxes(client) -> list[dict]:
+    """Every container carrying our label, with its state and whether its owner is gone."""
+    rows = []
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        rows.append({
+            "name": c.name, "status": c.status, "image": c.attrs["Config"]["Image"],
+            "pool": c.labels.get(f"{LABEL}.pool", "?"), "owner_pid": c.labels.get(f"{LABEL}.pid", "?"),
+            "orphan": is_orphan(c.labels),
+        })
+    return rows
