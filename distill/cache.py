@@ -1,0 +1,280 @@
+"""The teacher cache: each round's teacher hidden states on disk (or any fsspec URL), sorted by teacher.
+
+Why hidden states and not logits: a token's last-layer state is `hidden` numbers where its logits
+are `vocab` (1024 vs 152k for Qwen2-7B), so the cache is ~100x smaller; the loss rebuilds logits a
+chunk at a time with the teacher's LM head (`distill.heads`).
+
+Layout of one round (`root` is a local directory or an fsspec URL such as `s3://b/opd` or `memory://x`):
+
+    <root>/round_000003/index.json                       written last: a round without it does not exist
+    <root>/round_000003/shard_00000_t000.safetensors     one teacher per shard, shards in teacher order
+        hidden     [rows, hidden_t]  bf16 (cache dtype)  row i of a sample predicts its response token i
+        input_ids  [tokens]          int32               prompt + response of every sample, concatenated
+
+index.json holds the round id, the policy the rollouts were sampled from, the teachers, and per shard
+its file, teacher, byte size, sha256, and per sample its id, domain, prompt length and offsets into
+both tensors. Every file is written under a temporary name and renamed into place, so a reader sees a
+whole file or none. The reader checks size and sha256 of every shard before use and raises
+`CacheError` naming the shard on any mismatch; it refuses a round whose id or policy is not the one
+being trained, so training never reads stale (off-policy) rollouts.
+
+Shortcut, admitted: files are not fsync'ed; a power cut can leave a short shard, which the checksum
+then rejects rather than trains on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import struct
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import fsspec
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+INDEX = "index.json"
+_ROUND_RE = re.compile(r"round_(\d{6})$")
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be trained on: a shard is missing, truncated, corrupt, or from another round."""
+
+
+@dataclass
+class TeacherBatch:
+    """Samples of one teacher, with that teacher's cached states for their response tokens."""
+
+    teacher: int
+    sample_ids: list[str]
+    domains: list[str]
+    input_ids: list[torch.Tensor]  # each [prompt_len + response_len] int64
+    prompt_lens: list[int]
+    hidden: torch.Tensor  # [sum of response lens, hidden_t]: sample after sample, row i predicts token i
+    shard: str
+
+    @property
+    def response_lens(self) -> list[int]:
+        return [len(ids) - p for ids, p in zip(self.input_ids, self.prompt_lens)]
+
+
+def round_url(root: str, round_id: int) -> str:
+    return f"{root.rstrip('/')}/round_{round_id:06d}"
+
+
+class CacheWriter:
+    """Write one round: `add` samples in non-decreasing teacher order, then `close` to publish the index.
+
+    Starting a round removes whatever an earlier, interrupted attempt at that round left behind.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        round_id: int,
+        teachers: Sequence[dict],  # [{"name": ..., "path": ...}], index = teacher id
+        policy: str = "",
+        dtype: torch.dtype = torch.bfloat16,
+        shard_rows: int = 65536,
+    ):
+        self.fs, self.dir = fsspec.core.url_to_fs(round_url(root, round_id))
+        self.round_id, self.policy, self.dtype, self.shard_rows = round_id, policy, dtype, shard_rows
+        self.teachers = [dict(t) for t in teachers]
+        if self.fs.exists(self.dir):
+            self.fs.rm(self.dir, recursive=True)
+        self.fs.makedirs(self.dir, exist_ok=True)
+        self.shards: list[dict] = []
+        self._teacher: int | None = None
+        self._rows: list[torch.Tensor] = []
+        self._ids: list[torch.Tensor] = []
+        self._samples: list[dict] = []
+        self._n_rows = self._n_ids = 0
+
+    def add(self, teacher: int, sample_id: str, domain: str, input_ids: Sequence[int], prompt_len: int,
+            hidden: torch.Tensor) -> None:
+        """`hidden` [response_len, hidden_t]: the teacher's states predicting the response tokens."""
+        n_resp = len(input_ids) - prompt_len
+        if hidden.shape[0] != n_resp:
+            raise ValueError(f"sample {sample_id}: {hidden.shape[0]} hidden rows for {n_resp} response tokens")
+        if self._teacher is not None and teacher < self._teacher:
+            raise ValueError(f"samples must arrive in teacher order: teacher {teacher} after {self._teacher}")
+        if teacher != self._teacher or self._n_rows >= self.shard_rows:
+            self._flush()
+            self._teacher = teacher
+        self.teachers[teacher]["hidden_size"] = int(hidden.shape[1])
+        self._samples.append(dict(id=str(sample_id), domain=domain, prompt_len=int(prompt_len),
+                                  ids=[self._n_ids, len(input_ids)], rows=[self._n_rows, n_resp]))
+        self._rows.append(hidden.detach().to("cpu", self.dtype))
+        self._ids.append(torch.as_tensor(input_ids, dtype=torch.int32))
+        self._n_rows += n_resp
+        self._n_ids += len(input_ids)
+
+    def _flush(self) -> None:
+        if not self._samples:
+            return
+        name = f"shard_{len(self.shards):05d}_t{self._teacher:03d}.safetensors"
+        tensors = {"hidden": torch.cat(self._rows).contiguous(), "input_ids": torch.cat(self._ids)}
+        data = st_save(tensors, metadata={"round": str(self.round_id), "teacher": str(self._teacher)})
+        _put(self.fs, f"{self.dir}/{name}", data)
+        self.shards.append(dict(file=name, teacher=self._teacher, bytes=len(data),
+                                sha256=hashlib.sha256(data).hexdigest(), rows=self._n_rows, samples=self._samples))
+        self._rows, self._ids, self._samples, self._n_rows, self._n_ids = [], [], [], 0, 0
+
+    def close(self) -> dict:
+        """Write the last shard and then the index, which makes the round visible to readers."""
+        self._flush()
+        index = dict(format=FORMAT, round=self.round_id, policy=self.policy, dtype=str(self.dtype).removeprefix("torch."),
+                     teachers=self.teachers, shards=self.shards)
+        _put(self.fs, f"{self.dir}/{INDEX}", json.dumps(index, indent=1).encode())
+        return index
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()  # on error no index is written: the round stays invisible
+
+
+class CacheReader:
+    """Stream one round's batches, teacher by teacher, verifying each shard; the next shard is read
+    and checked on a background thread while the current one trains.
+
+    Batches never mix teachers or cross shards; each holds samples up to `batch_tokens` tokens
+    (prompt + response), and at least one sample.
+    """
+
+    def __init__(self, root: str, round_id: int, policy: str | None = None, batch_tokens: int = 4096,
+                 prefetch: bool = True):
+        self.fs, self.dir = fsspec.core.url_to_fs(round_url(root, round_id))
+        self.round_id, self.batch_tokens, self.prefetch = round_id, batch_tokens, prefetch
+        where = self.fs.unstrip_protocol(f"{self.dir}/{INDEX}")
+        try:
+            self.index = json.loads(self.fs.cat_file(f"{self.dir}/{INDEX}"))
+        except FileNotFoundError:
+            raise CacheError(f"no cache for round {round_id}: {where} is missing (round never finished writing)") from None
+        if self.index.get("format") != FORMAT:
+            raise CacheError(f"{where}: cache format {self.index.get('format')!r}, this reader reads {FORMAT}")
+        if self.index["round"] != round_id:
+            raise CacheError(f"{where}: stale cache: it holds round {self.index['round']}, training round {round_id}")
+        if policy is not None and self.index["policy"] != policy:
+            raise CacheError(f"{where}: stale cache: sampled from policy {self.index['policy']!r}, "
+                             f"training policy {policy!r}")
+        order = [s["teacher"] for s in self.index["shards"]]
+        if order != sorted(order):
+            raise CacheError(f"{where}: shards are not sorted by teacher: {order}")
+
+    @property
+    def teachers(self) -> list[int]:
+        """Teacher ids in the order their batches will arrive."""
+        return list(dict.fromkeys(s["teacher"] for s in self.index["shards"]))
+
+    def __iter__(self) -> Iterator[TeacherBatch]:
+        shards = self.index["shards"]
+        if not shards:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-cache") as pool:
+            load = (lambda e: pool.submit(self._load, e)) if self.prefetch else (lambda e: _Done(self._load(e)))
+            pending = load(shards[0])
+            for i, entry in enumerate(shards):
+                tensors = pending.result()  # a bad shard raises here, before any of it is used
+                if i + 1 < len(shards):
+                    pending = load(shards[i + 1])
+                yield from self._batches(entry, tensors)
+
+    def _load(self, entry: dict) -> dict[str, torch.Tensor]:
+        path = f"{self.dir}/{entry['file']}"
+        where = self.fs.unstrip_protocol(path)
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise CacheError(f"cache shard {where} is missing (listed in {INDEX} of round {self.round_id})") from None
+        if len(data) != entry["bytes"]:
+            raise CacheError(f"cache shard {where} is truncated or overwritten: {len(data)} bytes, index says {entry['bytes']}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise CacheError(f"cache shard {where} is corrupt: sha256 {digest[:12]}..., index says {entry['sha256'][:12]}...")
+        try:
+            meta = _metadata(data)
+            tensors = st_load(data)
+        except Exception as e:  # checksum matched but the file is not what we wrote: a writer bug
+            raise CacheError(f"cache shard {where} cannot be parsed: {e}") from None
+        if meta.get("round") != str(self.round_id) or meta.get("teacher") != str(entry["teacher"]):
+            raise CacheError(f"cache shard {where} belongs to round {meta.get('round')} teacher {meta.get('teacher')}, "
+                             f"expected round {self.round_id} teacher {entry['teacher']}")
+        return tensors
+
+    def _batches(self, entry: dict, tensors: dict[str, torch.Tensor]) -> Iterator[TeacherBatch]:
+        hidden, ids = tensors["hidden"], tensors["input_ids"]
+        group: list[dict] = []
+        size = 0
+        for s in entry["samples"] + [None]:
+            if group and (s is None or size + s["ids"][1] > self.batch_tokens):
+                first, last = group[0]["rows"], group[-1]["rows"]
+                yield TeacherBatch(
+                    teacher=entry["teacher"],
+                    sample_ids=[g["id"] for g in group],
+                    domains=[g["domain"] for g in group],
+                    input_ids=[ids[g["ids"][0] : g["ids"][0] + g["ids"][1]].long() for g in group],
+                    prompt_lens=[g["prompt_len"] for g in group],
+                    hidden=hidden[first[0] : last[0] + last[1]],
+                    shard=entry["file"],
+                )
+                group, size = [], 0
+            if s is not None:
+                group.append(s)
+                size += s["ids"][1]
+
+
+def list_rounds(root: str) -> list[int]:
+    """Ids of the rounds under `root` whose index was published, ascending."""
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.exists(path):
+        return []
+    out = []
+    for entry in fs.ls(path, detail=False):
+        m = _ROUND_RE.search(entry.rstrip("/"))
+        if m and fs.exists(f"{entry.rstrip('/')}/{INDEX}"):
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def prune_rounds(root: str, keep: int) -> list[int]:
+    """Delete all but the newest `keep` published rounds (0 deletes all); returns the deleted ids."""
+    fs, _ = fsspec.core.url_to_fs(root)
+    rounds = list_rounds(root)
+    doomed = rounds[: max(len(rounds) - keep, 0)]
+    for r in doomed:
+        _, path = fsspec.core.url_to_fs(round_url(root, r))
+        fs.rm(path, recursive=True)
+    return doomed
+
+
+def _put(fs, path: str, data: bytes) -> None:
+    """Write under a temporary name, then rename: readers never see half a file."""
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def _metadata(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])  # safetensors: u64 header length, then a JSON header
+    return json.loads(data[8 : 8 + n]).get("__metadata__", {})
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value

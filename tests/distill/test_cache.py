@@ -1,0 +1,149 @@
+"""The teacher cache round-trips, streams in teacher order, and refuses bad or stale data by name."""
+
+import threading
+import uuid
+
+import pytest
+import torch
+
+from distill.cache import CacheError, CacheReader, CacheWriter, list_rounds, prune_rounds
+
+TEACHERS = [{"name": f"t{i}", "path": f"/ckpt/t{i}"} for i in range(3)]
+
+
+def _write(root, round_id=1, policy="p", shard_rows=10, n_per_teacher=4, hidden=8):
+    """Write samples for 3 teachers; returns {sample_id: (input_ids, prompt_len, hidden)}."""
+    g = torch.Generator().manual_seed(round_id)
+    want = {}
+    with CacheWriter(root, round_id, TEACHERS, policy=policy, shard_rows=shard_rows) as w:
+        for t in range(3):
+            for k in range(n_per_teacher):
+                plen, rlen = 3 + k, 2 + (k * 3) % 5
+                ids = torch.randint(0, 100, (plen + rlen,), generator=g).tolist()
+                h = torch.randn(rlen, hidden, generator=g)
+                sid = f"s{t}_{k}"
+                w.add(t, sid, f"d{t}", ids, plen, h)
+                want[sid] = (ids, plen, h)
+    return want
+
+
+@pytest.mark.parametrize("kind", ["local", "file_url", "memory"])
+def test_round_trip_in_teacher_order_on_any_fsspec_url(tmp_path, kind):
+    root = {"local": str(tmp_path / "cache"), "file_url": f"file://{tmp_path}/cache",
+            "memory": f"memory://opd-{uuid.uuid4().hex}"}[kind]
+    want = _write(root)
+    reader = CacheReader(root, 1, policy="p", batch_tokens=20)
+    assert len(reader.index["shards"]) > 3, "small shard_rows splits a teacher over several shards"
+    seen, teachers = {}, []
+    for b in reader:
+        teachers.append(b.teacher)
+        assert set(b.domains) == {f"d{b.teacher}"}, "a batch holds one teacher's samples only"
+        assert sum(len(i) for i in b.input_ids) <= 20 or len(b.input_ids) == 1
+        rows = 0
+        for sid, ids, plen, n in zip(b.sample_ids, b.input_ids, b.prompt_lens, b.response_lens):
+            seen[sid] = (ids.tolist(), plen, b.hidden[rows : rows + n])
+            rows += n
+        assert rows == b.hidden.shape[0]
+    assert teachers == sorted(teachers) and set(teachers) == {0, 1, 2}
+    assert seen.keys() == want.keys()
+    for sid, (ids, plen, h) in want.items():
+        assert seen[sid][0] == ids and seen[sid][1] == plen
+        assert seen[sid][2].dtype == torch.bfloat16
+        torch.testing.assert_close(seen[sid][2], h.bfloat16())
+    assert list_rounds(root) == [1]
+
+
+def _bad(tmp_path, damage):
+    root = str(tmp_path / "cache")
+    _write(root)
+    reader = CacheReader(root, 1, batch_tokens=20)
+    victim = reader.index["shards"][2]["file"]
+    path = tmp_path / "cache" / "round_000001" / victim
+    damage(path)
+    got = []
+    with pytest.raises(CacheError) as err:
+        for b in reader:
+            got.append(b.shard)
+    assert victim in str(err.value)
+    assert victim not in got, "no batch of the bad shard reaches training"
+    return str(err.value)
+
+
+def test_corrupt_shard_is_a_clear_error(tmp_path):
+    def flip(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    assert "is corrupt: sha256" in _bad(tmp_path, flip)
+
+
+def test_truncated_shard_is_a_clear_error(tmp_path):
+    msg = _bad(tmp_path, lambda p: p.write_bytes(p.read_bytes()[:-7]))
+    assert "is truncated" in msg
+
+
+def test_missing_shard_is_a_clear_error(tmp_path):
+    assert "is missing" in _bad(tmp_path, lambda p: p.unlink())
+
+
+def test_stale_or_unfinished_rounds_are_refused(tmp_path):
+    root = str(tmp_path / "cache")
+    _write(root, round_id=1, policy="round_0")
+    with pytest.raises(CacheError, match="no cache for round 2"):
+        CacheReader(root, 2)
+    with pytest.raises(CacheError, match="stale cache: sampled from policy 'round_0'"):
+        CacheReader(root, 1, policy="round_1")
+    # a round directory copied under another round's name is caught by the round id in its index
+    (tmp_path / "cache" / "round_000001").rename(tmp_path / "cache" / "round_000002")
+    with pytest.raises(CacheError, match="stale cache: it holds round 1, training round 2"):
+        CacheReader(root, 2)
+
+    # a writer that dies mid-round publishes nothing
+    with pytest.raises(RuntimeError, match="teacher died"):
+        with CacheWriter(root, 3, TEACHERS) as w:
+            w.add(0, "a", "d0", [1, 2, 3], 2, torch.zeros(1, 4))
+            raise RuntimeError("teacher died")
+    assert list_rounds(root) == [2]
+    with pytest.raises(CacheError, match="no cache for round 3"):
+        CacheReader(root, 3)
+
+
+def test_writer_requires_teacher_order(tmp_path):
+    w = CacheWriter(str(tmp_path), 0, TEACHERS)
+    w.add(1, "a", "d", [1, 2, 3], 2, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="teacher order"):
+        w.add(0, "b", "d", [1, 2, 3], 2, torch.zeros(1, 4))
+
+
+def test_retention_keeps_newest_rounds(tmp_path):
+    root = str(tmp_path / "cache")
+    for r in range(4):
+        _write(root, round_id=r, n_per_teacher=1)
+    assert prune_rounds(root, keep=2) == [0, 1]
+    assert list_rounds(root) == [2, 3]
+    assert prune_rounds(root, keep=0) == [2, 3]
+    assert list_rounds(root) == []
+
+
+def test_next_shard_is_read_while_the_current_one_trains(tmp_path, monkeypatch):
+    root = str(tmp_path / "cache")
+    _write(root)
+    reader = CacheReader(root, 1, batch_tokens=20)
+    second = reader.index["shards"][1]["file"]
+    loaded = threading.Event()
+    real = CacheReader._load
+
+    def spy(self, entry):
+        out = real(self, entry)
+        if entry["file"] == second:
+            loaded.set()
+        return out
+
+    monkeypatch.setattr(CacheReader, "_load", spy)
+    it = iter(reader)
+    first = next(it)
+    assert first.shard != second
+    # the consumer still holds shard 0's first batch; shard 1 arrives in the background
+    assert loaded.wait(timeout=10), "the next shard was not prefetched"
+    list(it)
