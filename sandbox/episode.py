@@ -1,0 +1,224 @@
+"""One agent episode: a policy emits tool calls, a sandbox session runs them, the task's check scores it.
+
+A task is a YAML file (the `Task` model below is its schema). A policy is anything with
+`policy(messages) -> str`: the scripted policy replays the task's `scripted_turns`, `HFPolicy`
+generates with a local Hugging Face checkpoint, and GRPO rollouts can plug in their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sandbox import toolcall
+from sandbox.container import Result, SandboxError
+from sandbox.pool import SandboxPool, Session
+
+log = logging.getLogger(__name__)
+
+Policy = Callable[[list[dict]], str]
+
+
+class TaskError(ValueError):
+    """A task file that cannot be used; the message names the file and the field."""
+
+
+class Setup(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    files: dict[str, str] = Field(default_factory=dict, description="Files written into /work before the first turn.")
+    commands: list[str] = Field(default_factory=list, description="bash commands run (in order) after the files are written.")
+
+
+class Task(BaseModel):
+    """An agent task: what the model is asked, how the sandbox starts, and how success is checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Short identifier, used in logs and transcripts.")
+    prompt: str = Field(description="The user message that states the task.")
+    setup: Setup = Field(default_factory=Setup, description="Sandbox state before the first turn.")
+    check: str = Field(description="bash command run in the same session after the last turn; exit 0 means solved (reward 1.0).")
+    max_turns: int = Field(8, ge=1, description="Assistant turns before the episode is cut off.")
+    timeout_s: float = Field(10.0, gt=0, description="Wall-clock timeout of each tool call and of the check.")
+    scripted_turns: list[str] = Field(default_factory=list, description="Assistant messages the scripted policy replays, in order.")
+
+
+def load_task(path: str | Path) -> Task:
+    """Read and validate a task file; errors name the file and the dotted field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise TaskError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise TaskError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise TaskError(f"{path}: expected a mapping of task fields, got {type(data).__name__}")
+    try:
+        return Task.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise TaskError(f"{path}: field {where}: {err['msg']}") from None
+
+
+class ScriptedPolicy:
+    """Replays fixed assistant turns; once they run out it answers with no call (ending the episode)."""
+
+    def __init__(self, turns: list[str]):
+        self.turns, self.i = list(turns), 0
+
+    def __call__(self, messages: list[dict]) -> str:
+        if self.i >= len(self.turns):
+            return "Done."
+        self.i += 1
+        return self.turns[self.i - 1]
+
+
+class HFPolicy:
+    """Greedy generation with a local Hugging Face checkpoint directory (no hub downloads)."""
+
+    def __init__(self, checkpoint: str | Path, max_new_tokens: int = 256):
+        import torch  # heavy imports only when a model policy is asked for
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(checkpoint)
+        if not path.is_dir():
+            raise TaskError(f"{path}: --policy is neither 'scripted' nor a checkpoint directory")
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, messages: list[dict]) -> str:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        if not isinstance(ids, self.torch.Tensor):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        with self.torch.no_grad():
+            out = self.model.generate(
+                ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                do_sample=False, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            )
+        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+        # Keep our tool-call tokens (they may be special tokens) but drop end/pad markers.
+        for tok in {self.tokenizer.eos_token, self.tokenizer.pad_token} - {None}:
+            text = text.replace(tok, "")
+        return text
+
+
+def make_policy(spec: str, task: Task) -> Policy:
+    """`scripted` replays the task's turns; anything else is a checkpoint directory."""
+    if spec == "scripted":
+        if not task.scripted_turns:
+            raise TaskError(f"task {task.name}: field scripted_turns is empty; the scripted policy needs it")
+        return ScriptedPolicy(task.scripted_turns)
+    return HFPolicy(spec)
+
+
+def render_result(r: Result) -> str:
+    """A tool observation: stdout, then stderr and the exit status when they say something.
+
+    >>> render_result(Result(stdout="hi\\n", stderr="", exit_code=0))
+    'hi\\n'
+    >>> print(render_result(Result(stdout="", stderr="boom\\n", exit_code=1, truncated=True)))
+    [stderr]
+    boom
+    [exit code 1] [output truncated]
+    """
+    parts = [r.stdout]
+    if r.stderr:
+        parts.append(f"[stderr]\n{r.stderr}")
+    notes = []
+    if r.exit_code != 0:
+        notes.append(f"[exit code {r.exit_code}]")
+    if r.timed_out:
+        notes.append(f"[timed out after {r.duration:.1f}s]")
+    if r.oom_killed:
+        notes.append("[killed: out of memory]")
+    if r.truncated:
+        notes.append("[output truncated]")
+    return "".join(parts) + " ".join(notes)
+
+
+def execute(session: Session, call: toolcall.ToolCall, timeout: float) -> str:
+    """Run one parsed tool call in the session and return the observation text."""
+    a = call.args
+    try:
+        if call.name == "bash":
+            return render_result(session.exec(a["command"], timeout=timeout))
+        if call.name == "python":
+            return render_result(session.python(a["code"], timeout=timeout))
+        if call.name == "write_file":
+            session.write_file(a["path"], a["content"])
+            return f"wrote {len(a['content'].encode())} bytes to {a['path']}"
+        if call.name == "read_file":
+            return session.read_file(a["path"])
+    except SandboxError as e:
+        return f"error: {e}"
+    return f"error: tool {call.name} has no executor"
+
+
+def run_episode(
+    task: Task,
+    policy: Policy,
+    pool: SandboxPool,
+    transcript: str | Path | None = None,
+    trajectory: str | Path | None = None,
+) -> dict:
+    """Play one episode and return {"reward", "turns", "messages", "check"}; writes the transcript JSONL."""
+    messages = [
+        {"role": "system", "content": toolcall.tools_prompt()},
+        {"role": "user", "content": task.prompt},
+    ]
+    timings: dict[str, float] = {"generate": 0.0, "execute": 0.0}
+    turns = 0
+    # One session for setup, every turn and the final check: the container and its lease live
+    # for the whole episode, so the check sees exactly what the agent left behind.
+    with pool.session(trajectory=trajectory) as s:
+        for path, content in task.setup.files.items():
+            s.write_file(path, content)
+        for cmd in task.setup.commands:
+            r = s.exec(cmd, timeout=task.timeout_s)
+            if r.exit_code != 0:
+                raise TaskError(f"task {task.name}: setup command {cmd!r} failed: {render_result(r)}")
+        for turns in range(1, task.max_turns + 1):
+            t0 = time.monotonic()
+            text = policy(messages)
+            timings["generate"] += time.monotonic() - t0
+            messages.append({"role": "assistant", "content": text})  # reasoning stays in the transcript
+            parsed = toolcall.parse(text)
+            if parsed.errors:
+                obs = toolcall.error_observation(parsed.errors)
+            elif not parsed.calls:
+                break  # a final answer
+            else:
+                t0 = time.monotonic()
+                obs = execute(s, parsed.calls[0], task.timeout_s)
+                timings["execute"] += time.monotonic() - t0
+            messages.append(toolcall.tool_message(obs))
+        check = s.exec(task.check, timeout=task.timeout_s)
+    reward = 1.0 if check.ok else 0.0
+    log.info("episode %s: %d turn(s), reward %.1f, generate %.2fs, execute %.2fs",
+             task.name, turns, reward, timings["generate"], timings["execute"])
+    out = {"task": task.name, "reward": reward, "turns": turns, "messages": messages,
+           "check": check.to_dict(), "seconds": timings}
+    if transcript is not None:
+        write_transcript(Path(transcript), out)
+    return out
+
+
+def write_transcript(path: Path, episode: dict) -> None:
+    """One JSON line per message, then one line with the check's result and the reward."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for m in episode["messages"]:
+            f.write(json.dumps({"type": "message", **m}) + "\n")
+        f.write(json.dumps({"type": "reward", "task": episode["task"], "reward": episode["reward"],
+                            "turns": episode["turns"], "check": episode["check"]}) + "\n")
