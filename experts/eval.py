@@ -1,0 +1,89 @@
+"""Stage `eval`: score checkpoints on a held-out split with a named metric; writes `eval.json`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Literal
+
+import ray
+from pydantic import Field
+
+from experts.data import DataConfig, load_samples
+from experts.generate import generate
+from experts.models import load_model, load_tokenizer
+from experts.train import pick_device, set_threads
+from pipeline.config import ModelRef, StageConfig
+from pipeline.context import StageContext, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class Config(StageConfig):
+    models: list[ModelRef] = Field(description="Checkpoints to compare: stage names or local HF checkpoint dirs.")
+    data: list[DataConfig] = Field(default_factory=lambda: [DataConfig()], description="Domains to score, held-out split of each.")
+    metric: Literal["exact_match"] = Field("exact_match", description="exact_match: the final answer equals the gold answer.")
+    limit: int | None = Field(None, ge=1, description="Score at most this many held-out samples per domain.")
+    max_new_tokens: int = Field(48, ge=1, description="Generation budget per sample.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
+    enable_thinking: bool = Field(True, description="False pre-fills an empty think block (non-think mode).")
+    threads: int = Field(0, ge=0, description="CPU threads per evaluation task (0: all cores).")
+
+
+def final_answer(completion: str) -> str:
+    r"""The answer a completion commits to: the last \boxed{...}, else the text after </think>.
+
+    >>> final_answer("<think>\n2 + 2 = 4\n</think>\n\\boxed{4}")
+    '4'
+    >>> final_answer("<think>hmm</think> 12 ")
+    '12'
+    """
+    start = completion.rfind("\\boxed{")
+    if start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        for j in range(i, len(completion)):
+            depth += {"{": 1, "}": -1}.get(completion[j], 0)
+            if depth == 0:
+                return completion[i:j].strip()
+    return re.split(r"</think>", completion)[-1].strip()
+
+
+def exact_match(completion: str, answer: str) -> bool:
+    return final_answer(completion) == answer.strip()
+
+
+def score_model(model_path: str, samples: list[dict], cfg: Config) -> dict:
+    """Generate greedily for `samples` and score each; returns the mean and a few examples."""
+    set_threads(cfg.threads)
+    tok, model = load_tokenizer(model_path), load_model(model_path).to(pick_device())
+    gens = generate(model, tok, [s["messages"] for s in samples], cfg.max_new_tokens,
+                    batch_size=cfg.batch_size, enable_thinking=cfg.enable_thinking)
+    hits = [exact_match(g.text, s["answer"]) for g, s in zip(gens, samples)]
+    examples = [{"prompt": s["messages"][-1]["content"], "answer": s["answer"], "completion": g.text}
+                for g, s in list(zip(gens, samples))[:3]]
+    return {"score": sum(hits) / len(hits), "n": len(hits), "examples": examples}
+
+
+def run(cfg: Config, ctx: StageContext) -> None:
+    score = ray.remote(num_cpus=1)(score_model)
+    results: dict[str, dict[str, dict]] = {}
+    for data in cfg.data:
+        samples = load_samples(data, "heldout")[: cfg.limit]
+        futures = {ref: score.remote(str(ctx.model_path(ref)), samples, cfg) for ref in cfg.models}
+        results[data.domain] = {ref: ray.get(f) for ref, f in futures.items()}
+        for ref, r in results[data.domain].items():
+            log.info("%s %s on %s: %.3f (n=%d)", cfg.metric, ref, data.domain, r["score"], r["n"])
+    table = {dom: {ref: r["score"] for ref, r in by_model.items()} for dom, by_model in results.items()}
+    atomic_write_json(ctx.out_dir / "eval.json", {"metric": cfg.metric, "scores": table, "details": results})
+    ctx.log_metrics(0, {f"{cfg.metric}/{dom}/{ref}": s for dom, row in table.items() for ref, s in row.items()})
+    log.info("%s\n%s", ctx.name, format_table(cfg.metric, table))
+
+
+def format_table(metric: str, table: dict[str, dict[str, float]]) -> str:
+    """Scores as a text table: one row per domain, one column per model."""
+    models = list(next(iter(table.values())))
+    width = max(8, *(len(m) for m in models))
+    lines = [f"{metric:<12}" + "".join(f"{m:>{width + 2}}" for m in models)]
+    for dom, row in table.items():
+        lines.append(f"{dom:<12}" + "".join(f"{row[m]:>{width + 2}.3f}" for m in models))
+    return "\n".join(lines)

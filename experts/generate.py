@@ -1,0 +1,68 @@
+"""Batched generation with Hugging Face `generate`: the CPU rollout backend, also used by eval."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # up to and including the end-of-turn token when the model stopped
+    text: str  # completion decoded without control tokens (markup such as <think> is kept)
+    finished: bool  # False when cut off by max_new_tokens
+
+
+def render_prompt(tokenizer, messages: list[dict], enable_thinking: bool = True) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, enable_thinking=enable_thinking
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    enable_thinking: bool = True,
+    seed: int | None = None,
+) -> list[Generation]:
+    """Complete each prompt (a list of chat messages); temperature 0 is greedy."""
+    model.eval()
+    device = next(model.parameters()).device
+    if seed is not None:
+        torch.manual_seed(seed)
+    out: list[Generation] = []
+    for i in range(0, len(prompts), batch_size):
+        encoded = [render_prompt(tokenizer, m, enable_thinking) for m in prompts[i : i + batch_size]]
+        width = max(map(len, encoded))
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
+            ids[j, width - len(e) :] = torch.tensor(e)
+            mask[j, width - len(e) :] = 1
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        seqs = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
+        for j, e in enumerate(encoded):
+            new = seqs[j, width:].tolist()
+            finished = tokenizer.eos_token_id in new
+            if finished:
+                new = new[: new.index(tokenizer.eos_token_id) + 1]
+            else:
+                new = [t for t in new if t != tokenizer.pad_token_id]
+            out.append(Generation(e, new, tokenizer.decode(new, skip_special_tokens=True), finished))
+    return out

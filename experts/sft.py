@@ -1,0 +1,194 @@
+"""Stage `sft`: supervised fine-tuning of one domain expert, loss on assistant tokens only.
+
+Set-up (tokenise, plan batches, start the learner actor), one loop of optimizer steps, save.
+The learner is a Ray actor over `SFTLearner`, a plain class that tests also call directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Literal
+
+import ray
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm import tqdm
+
+from experts.data import DataConfig, load_samples
+from experts.models import load_model, load_tokenizer, save_checkpoint
+from experts.train import (
+    autocast,
+    latest_checkpoint,
+    load_train_state,
+    make_optimizer,
+    pick_device,
+    save_train_state,
+    set_threads,
+    truncate_metrics,
+)
+from pipeline.config import ModelRef, StageConfig
+from pipeline.context import MODEL_DIR, StageContext, timer
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+class Config(StageConfig):
+    model: ModelRef = Field(description="Starting checkpoint: a stage name or a local HF checkpoint dir.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training samples (their `completion` is the target).")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences (or packed rows) per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_len: int = Field(256, ge=8, description="Longest sequence in tokens; longer samples are cut.")
+    packing: bool = Field(False, description="Concatenate samples into full rows of max_len instead of padding.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays the LR to lr * min_lr_ratio.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on a GPU that has it, else fp32.")
+    save_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    threads: int = Field(0, ge=0, description="CPU threads for the learner (0: all cores).")
+    num_cpus: float = Field(1, gt=0, description="CPUs the learner actor reserves in Ray.")
+
+
+def encode_sft(tokenizer, sample: dict, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + completion, and labels that are IGNORE on the prompt.
+
+    Prompt and completion are tokenised apart, exactly as at generation time, so the mask
+    boundary is exact and no BPE merge crosses it. The target ends with the end-of-turn token.
+    """
+    prompt = tokenizer.apply_chat_template(sample["messages"], add_generation_prompt=True, tokenize=False)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(sample["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p_ids + c_ids)[:max_len]
+    labels = ([IGNORE] * len(p_ids) + c_ids)[:max_len]
+    return ids, labels
+
+
+def build_rows(tokenizer, samples: list[dict], max_len: int, packing: bool) -> list[tuple[list[int], list[int]]]:
+    """Encoded samples, or with `packing` their concatenation cut into rows of `max_len`.
+
+    Shortcut: packed rows share one causal mask, so a sample may attend to the one before it
+    (as TRL's ConstantLengthDataset did). Fine for short samples; turn packing off if not.
+    """
+    encoded = [encode_sft(tokenizer, s, max_len) for s in samples if s.get("completion") is not None]
+    if not encoded:
+        raise ValueError("no sample has a `completion` to train on")
+    if not packing:
+        return encoded
+    flat_ids = [t for ids, _ in encoded for t in ids]
+    flat_lab = [t for _, lab in encoded for t in lab]
+    return [(flat_ids[i : i + max_len], flat_lab[i : i + max_len]) for i in range(0, len(flat_ids), max_len)]
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into input_ids / attention_mask / labels, each [batch, longest]."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r_ids, r_lab) in enumerate(rows):
+        ids[i, : len(r_ids)] = torch.tensor(r_ids)
+        labels[i, : len(r_lab)] = torch.tensor(r_lab)
+        mask[i, : len(r_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_plan(n_rows: int, per_step: int, steps: int, seed: int) -> list[list[int]]:
+    """Row indices for every step: shuffled epochs back to back, fixed by `seed` (so resumable)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * per_step:
+        epoch = list(range(n_rows))
+        rng.shuffle(epoch)
+        order.extend(epoch)
+    return [order[s * per_step : (s + 1) * per_step] for s in range(steps)]
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+class SFTLearner:
+    """Holds the model and optimizer; one `train_step` is one optimizer step over micro-batches."""
+
+    def __init__(self, model_path: str, cfg: Config, resume_from: str | None = None):
+        set_threads(cfg.threads)
+        self.cfg, self.device = cfg, pick_device()
+        self.tokenizer = load_tokenizer(resume_from or model_path)
+        self.model = load_model(resume_from or model_path).to(self.device)
+        self.opt, self.sched = make_optimizer(
+            self.model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+        )
+        self.step = load_train_state(resume_from, self.opt, self.sched) if resume_from else 0
+
+    def get_step(self) -> int:
+        return self.step
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Token-weighted gradient accumulation: every labelled token counts once, whatever its micro-batch."""
+        self.model.train()
+        n_total = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+        loss_total = 0.0
+        for mb in micro_batches:
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            with autocast(self.cfg.precision, self.device):
+                loss_sum, _ = token_loss_sum(self.model, mb)
+            (loss_sum / max(1, n_total)).backward()
+            loss_total += loss_sum.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss_total / max(1, n_total), "grad_norm": float(grad_norm), "lr": lr, "tokens": n_total}
+
+    def save(self, checkpoint_dir: str) -> str:
+        ckpt = save_train_state(Path(checkpoint_dir), self.model, self.tokenizer, self.opt, self.sched,
+                                self.step, self.cfg.keep_checkpoints)
+        return str(ckpt)
+
+    def save_final(self, path: str) -> str:
+        return str(save_checkpoint(self.model, self.tokenizer, path))
+
+
+def run(cfg: Config, ctx: StageContext) -> None:
+    model_path = ctx.model_path(cfg.model)
+    tok = load_tokenizer(model_path)
+    rows = build_rows(tok, load_samples(cfg.data, "train"), cfg.max_len, cfg.packing)
+    plan = batch_plan(len(rows), cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
+    resume = latest_checkpoint(ctx.checkpoint_dir)
+    learner = ray.remote(num_cpus=cfg.num_cpus)(SFTLearner).remote(str(model_path), cfg, str(resume) if resume else None)
+    start = ray.get(learner.get_step.remote())
+    if resume:
+        truncate_metrics(ctx.out_dir, start)
+        log.info("resuming %s from %s (step %d of %d)", ctx.name, resume.name, start, cfg.steps)
+    log.info("sft %s: %d rows, %d steps of %d rows", ctx.name, len(rows), cfg.steps, cfg.batch_size * cfg.grad_accum)
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=ctx.name, mininterval=2.0)
+    for step in bar:
+        times: dict[str, float] = {}
+        with timer("data", times):
+            idx = plan[step]
+            micro = [collate([rows[i] for i in idx[j : j + cfg.batch_size]], tok.pad_token_id)
+                     for j in range(0, len(idx), cfg.batch_size)]
+        with timer("train", times):
+            metrics = ray.get(learner.train_step.remote(micro))
+        ctx.log_metrics(step + 1, {**metrics, **times})
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            with timer("save", times):
+                ray.get(learner.save.remote(str(ctx.checkpoint_dir)))
+
+    ray.get(learner.save_final.remote(str(ctx.out_dir / MODEL_DIR)))
+    ray.kill(learner)

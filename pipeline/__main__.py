@@ -1,0 +1,63 @@
+"""`python -m pipeline validate|run|submit FILE`: the workflow command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import UserError, Workflow, load_workflow
+
+
+def describe(wf: Workflow) -> str:
+    """The stage graph, one stage a line in the order they run."""
+    width = max(len(n) for n in wf.stages)
+    kinds = max(len(s.kind) for s in wf.stages.values())
+    lines = [f"{wf.path}: workflow {wf.name!r}, {len(wf.stages)} stages"]
+    for name, st in wf.stages.items():
+        needs = f"  <- {', '.join(st.needs)}" if st.needs else ""
+        lines.append(f"  {name:<{width}}  {st.kind:<{kinds}}{needs}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("validate", help="check a workflow and print its stage graph")
+    v.add_argument("file", type=Path)
+    for name, text in (("run", "run stages here (embedded Ray, or --address)"),
+                       ("submit", "submit each stage as its own Ray job")):
+        r = sub.add_parser(name, help=text)
+        r.add_argument("file", type=Path)
+        r.add_argument("--stage", help="only this stage (its needs must have finished)")
+        r.add_argument("--runs-dir", type=Path, default=Path("runs"), help="artifact root (default: runs/)")
+        r.add_argument("--force", action="store_true", help="redo stages that already finished")
+        r.add_argument("--address", required=name == "submit",
+                       help="Ray cluster (run: ray://host:10001 or auto; submit: http://host:8265)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        wf = load_workflow(args.file)
+        if args.cmd == "validate":
+            print(describe(wf))
+        elif args.cmd == "run":
+            from pipeline.runner import run_workflow
+
+            status = run_workflow(wf, args.runs_dir, args.stage, args.force, args.address)
+            print(f"{wf.name}: " + ", ".join(f"{n} {s}" for n, s in status.items()))
+        else:
+            from pipeline.submit import submit_workflow
+
+            submit_workflow(wf, args.address, args.runs_dir, args.stage, args.force)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
