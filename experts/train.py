@@ -96,7 +96,7 @@ def latest_checkpoint(path: Path) -> Path | None:
 
 def load_train_state(ckpt: Path, optimizer, scheduler) -> int:
     """Restore optimizer, scheduler and RNG from `ckpt`; returns the step it was saved at."""
-    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    state = torch.load(Path(ckpt) / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -141,7 +141,8 @@ def _validate(cls: type[BaseModel], data: Any, where: str, prefix: str) -> Any:
 
 
 def _one_line(e: ValidationError, cls: type[BaseModel], where: str, prefix: str) -> str:
-    err = e.errors()[0]
+    # A misspelled field also reports the real one as missing: name the misspelling first.
+    err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = ".".join(str(p) for p in err["loc"])
     dotted = prefix + loc if loc else prefix.rstrip(".") or "(top level)"
     value = err.get("input")
@@ -192,34 +193,32 @@ def _did_you_mean(word: str, choices) -> str:
 def _refs(cfg: BaseModel, prefix: str = ""):
     """Yield (dotted field path, Ref, value) for every ModelRef/PathRef value inside `cfg`."""
     for name, field in type(cfg).model_fields.items():
-        value = getattr(cfg, name)
-        ref = next((m for m in field.metadata if isinstance(m, Ref)), None)
-        here = f"{prefix}{name}"
-        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else None
-        if ref is not None and isinstance(value, str):
-            yield here, ref, value
-        elif items is not None:
-            for k, v in items:
-                if isinstance(v, BaseModel):
-                    yield from _refs(v, f"{here}.{k}.")
-                elif ref is not None and isinstance(v, str):
-                    yield f"{here}.{k}", ref, v
-                else:
-                    inner = _inner_ref(field)
-                    if inner is not None and isinstance(v, str):
-                        yield f"{here}.{k}", inner, v
-        elif isinstance(value, BaseModel):
-            yield from _refs(value, here + ".")
+        value, ref, here = getattr(cfg, name), _field_ref(field.annotation, field.metadata), f"{prefix}{name}"
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        else:
+            items = [(None, value)]
+        for key, v in items:
+            at = here if key is None else f"{here}.{key}"
+            if isinstance(v, BaseModel):
+                yield from _refs(v, at + ".")
+            elif ref is not None and isinstance(v, str):
+                yield at, ref, v
 
 
-def _inner_ref(field) -> Ref | None:
-    """The Ref on the element type of a list[ModelRef] / dict[str, ModelRef] field, if any."""
+def _field_ref(annotation, metadata=()) -> Ref | None:
+    """The Ref marking a field, also when it sits inside Optional[...], list[...] or dict[..., ...]."""
     from typing import get_args
 
-    for arg in get_args(field.annotation):
-        for meta in getattr(arg, "__metadata__", ()):
-            if isinstance(meta, Ref):
-                return meta
+    for meta in (*metadata, *getattr(annotation, "__metadata__", ())):
+        if isinstance(meta, Ref):
+            return meta
+    for arg in get_args(annotation):
+        found = _field_ref(arg)
+        if found is not None:
+            return found
     return None
 
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: one embedded Ray for the session, and a tiny base checkpoint built from real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few-hundred-sample arithmetic set: quick to generate, and real reasoning-gym data.
+ARITH = dict(
+    domain="math", source="reasoning_gym", task="basic_arithmetic", size=400, heldout=40,
+    task_args=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=["+"],
+                   allow_parentheses=False, allow_negation=False),
+)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The embedded local Ray the pipeline starts by default, shared by the tests that need it."""
+    import ray
+
+    from pipeline.runner import init_ray
+
+    init_ray(None)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny Qwen2 and a tokenizer trained on arithmetic prompts, saved as an HF checkpoint."""
+    from experts.data import DataConfig, load_samples, sample_texts
+    from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
+
+    data = DataConfig(**ARITH)
+    tok = train_tokenizer(sample_texts(load_samples(data, "all")), vocab_size=320)
+    path = tmp_path_factory.mktemp("base") / "model"
+    save_checkpoint(build_tiny_model(tok, **TINY), tok, path)
+    return path
+
+
+def write_workflow(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
