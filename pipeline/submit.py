@@ -45,7 +45,8 @@ def submit_workflow(wf: Workflow, address: str, runs_dir: Path, only: str | None
             print(f"[{name}] finished earlier, skipping", file=out, flush=True)
             continue
         cmd = entrypoint(rel, name, runs_dir.resolve()) + (" --force" if force else "")
-        job_id = client.submit_job(
+        job_id = submit_when_ready(
+            client,
             entrypoint=cmd,
             runtime_env={"working_dir": str(cwd), "excludes": EXCLUDES},
             submission_id=f"{wf.name}-{name}-{int(time.time())}",
@@ -55,6 +56,19 @@ def submit_workflow(wf: Workflow, address: str, runs_dir: Path, only: str | None
         if status != "SUCCEEDED":
             raise UserError(f"stage {name!r} failed: job {job_id} ended {status}; see `ray job logs {job_id}`")
         print(f"[{name}] {status}", file=out, flush=True)
+
+
+def submit_when_ready(client, timeout_s: float = 120.0, **job) -> str:
+    """Submit a job, waiting out a freshly started cluster whose job agent is not up yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            log.info("the cluster's job agent is not ready yet; retrying")
+            time.sleep(2.0)
 
 
 def follow(client, job_id: str, name: str, poll_s: float, out) -> str:
