@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +50,7 @@ def two_node_cluster(tmp_path_factory):
                     p.send_signal(signal.SIGKILL)
                 except psutil.Error:
                     pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_submit_runs_each_stage_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):

@@ -1,0 +1,23 @@
+# The two set-up commands of the README. Each installs what a fresh Debian machine lacks.
+#   make quickstart   run workflows/quickstart.yaml end to end on an embedded local Ray
+#   make test         run the test suite (real Docker, real Ray, tiny real models)
+PYTHON ?= python
+PYTEST_ARGS ?=
+
+.PHONY: install docker quickstart test bench
+
+install:
+	$(PYTHON) -m pip install -q torch==2.13.0  # the CPU wheel; unpinned torch pulls GBs of CUDA
+	$(PYTHON) -m pip install -q -e '.[dev]'
+
+docker:
+	bash .ci/docker.sh
+
+quickstart: install docker
+	$(PYTHON) -m pipeline run workflows/quickstart.yaml
+
+test: install docker
+	$(PYTHON) -m pytest tests $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=1; exit $$rc
+
+bench: install docker
+	for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
