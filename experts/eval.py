@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Literal
 
 import ray
@@ -22,7 +21,9 @@ log = logging.getLogger(__name__)
 class Config(StageConfig):
     models: list[ModelRef] = Field(description="Checkpoints to compare: stage names or local HF checkpoint dirs.")
     data: list[DataConfig] = Field(default_factory=lambda: [DataConfig()], description="Domains to score, held-out split of each.")
-    metric: Literal["exact_match"] = Field("exact_match", description="exact_match: the final answer equals the gold answer.")
+    metric: Literal["exact_match", "math"] = Field(
+        "exact_match", description="exact_match: the final answer is the gold string; math: equal by math-verify."
+    )
     limit: int | None = Field(None, ge=1, description="Score at most this many held-out samples per domain.")
     max_new_tokens: int = Field(48, ge=1, description="Generation budget per sample.")
     batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
@@ -30,26 +31,13 @@ class Config(StageConfig):
     threads: int = Field(0, ge=0, description="CPU threads per evaluation task (0: all cores).")
 
 
-def final_answer(completion: str) -> str:
-    r"""The answer a completion commits to: the last \boxed{...}, else the text after </think>.
+def is_correct(metric: str, completion: str, answer: str) -> bool:
+    """The reward's own checker decides, so evaluation and GRPO agree on what is right."""
+    from rewards.math_answer import extract_answer, math_correct
 
-    >>> final_answer("<think>\n2 + 2 = 4\n</think>\n\\boxed{4}")
-    '4'
-    >>> final_answer("<think>hmm</think> 12 ")
-    '12'
-    """
-    start = completion.rfind("\\boxed{")
-    if start >= 0:
-        depth, i = 1, start + len("\\boxed{")
-        for j in range(i, len(completion)):
-            depth += {"{": 1, "}": -1}.get(completion[j], 0)
-            if depth == 0:
-                return completion[i:j].strip()
-    return re.split(r"</think>", completion)[-1].strip()
-
-
-def exact_match(completion: str, answer: str) -> bool:
-    return final_answer(completion) == answer.strip()
+    if metric == "math":
+        return math_correct(completion, answer)
+    return (extract_answer(completion) or "").strip() == answer.strip()
 
 
 def score_model(model_path: str, samples: list[dict], cfg: Config) -> dict:
@@ -58,7 +46,7 @@ def score_model(model_path: str, samples: list[dict], cfg: Config) -> dict:
     tok, model = load_tokenizer(model_path), load_model(model_path).to(pick_device())
     gens = generate(model, tok, [s["messages"] for s in samples], cfg.max_new_tokens,
                     batch_size=cfg.batch_size, enable_thinking=cfg.enable_thinking)
-    hits = [exact_match(g.text, s["answer"]) for g, s in zip(gens, samples)]
+    hits = [is_correct(cfg.metric, g.text, s["answer"]) for g, s in zip(gens, samples)]
     examples = [{"prompt": s["messages"][-1]["content"], "answer": s["answer"], "completion": g.text}
                 for g, s in list(zip(gens, samples))[:3]]
     return {"score": sum(hits) / len(hits), "n": len(hits), "examples": examples}
