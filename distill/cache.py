@@ -4,15 +4,19 @@ Why hidden states and not logits: a token's last-layer state is `hidden` numbers
 are `vocab` (1024 vs 152k for Qwen2-7B), so the cache is ~100x smaller; the loss rebuilds logits a
 chunk at a time with the teacher's LM head (`distill.heads`).
 
+A round's samples are split into optimizer steps, and within a step sorted by teacher: training
+walks (step, teacher) groups in order, so each teacher head is loaded once per step while every step
+still sees every domain. With one step per round (the default) that is once per round.
+
 Layout of one round (`root` is a local directory or an fsspec URL such as `s3://b/opd` or `memory://x`):
 
-    <root>/round_000003/index.json                       written last: a round without it does not exist
-    <root>/round_000003/shard_00000_t000.safetensors     one teacher per shard, shards in teacher order
+    <root>/round_000003/index.json                        written last: a round without it does not exist
+    <root>/round_000003/shard_00000_s000_t000.safetensors one (step, teacher) group per shard
         hidden     [rows, hidden_t]  bf16 (cache dtype)  row i of a sample predicts its response token i
         input_ids  [tokens]          int32               prompt + response of every sample, concatenated
 
 index.json holds the round id, the policy the rollouts were sampled from, the teachers, and per shard
-its file, teacher, byte size, sha256, and per sample its id, domain, prompt length and offsets into
+(listed in (step, teacher) order) its file, step, teacher, byte size, sha256, and per sample its id, domain, prompt length and offsets into
 both tensors. Every file is written under a temporary name and renamed into place, so a reader sees a
 whole file or none. The reader checks size and sha256 of every shard before use and raises
 `CacheError` naming the shard on any mismatch; it refuses a round whose id or policy is not the one
@@ -55,6 +59,7 @@ class TeacherBatch:
     """Samples of one teacher, with that teacher's cached states for their response tokens."""
 
     teacher: int
+    step: int  # optimizer step within the round
     sample_ids: list[str]
     domains: list[str]
     input_ids: list[torch.Tensor]  # each [prompt_len + response_len] int64
@@ -72,9 +77,11 @@ def round_url(root: str, round_id: int) -> str:
 
 
 class CacheWriter:
-    """Write one round: `add` samples in non-decreasing teacher order, then `close` to publish the index.
+    """Write one round: `add` samples group by group, then `close` to publish the index.
 
-    Starting a round removes whatever an earlier, interrupted attempt at that round left behind.
+    A group is a (step, teacher) pair; its samples must be added together (the teacher forward
+    visits teacher after teacher, so groups arrive teacher-major and the index re-sorts them
+    step-major). Starting a round removes what an interrupted attempt at that round left behind.
     """
 
     def __init__(
@@ -93,23 +100,29 @@ class CacheWriter:
             self.fs.rm(self.dir, recursive=True)
         self.fs.makedirs(self.dir, exist_ok=True)
         self.shards: list[dict] = []
-        self._teacher: int | None = None
+        self._group: tuple[int, int] | None = None  # (step, teacher) being written
+        self._done: set[tuple[int, int]] = set()
         self._rows: list[torch.Tensor] = []
         self._ids: list[torch.Tensor] = []
         self._samples: list[dict] = []
         self._n_rows = self._n_ids = 0
 
     def add(self, teacher: int, sample_id: str, domain: str, input_ids: Sequence[int], prompt_len: int,
-            hidden: torch.Tensor) -> None:
+            hidden: torch.Tensor, step: int = 0) -> None:
         """`hidden` [response_len, hidden_t]: the teacher's states predicting the response tokens."""
         n_resp = len(input_ids) - prompt_len
         if hidden.shape[0] != n_resp:
             raise ValueError(f"sample {sample_id}: {hidden.shape[0]} hidden rows for {n_resp} response tokens")
-        if self._teacher is not None and teacher < self._teacher:
-            raise ValueError(f"samples must arrive in teacher order: teacher {teacher} after {self._teacher}")
-        if teacher != self._teacher or self._n_rows >= self.shard_rows:
+        group = (step, teacher)
+        if group != self._group:
+            if group in self._done:
+                raise ValueError(f"samples of step {step} teacher {teacher} must be added together; that group is closed")
             self._flush()
-            self._teacher = teacher
+            if self._group is not None:
+                self._done.add(self._group)
+            self._group = group
+        elif self._n_rows >= self.shard_rows:
+            self._flush()
         self.teachers[teacher]["hidden_size"] = int(hidden.shape[1])
         self._samples.append(dict(id=str(sample_id), domain=domain, prompt_len=int(prompt_len),
                                   ids=[self._n_ids, len(input_ids)], rows=[self._n_rows, n_resp]))
@@ -121,19 +134,21 @@ class CacheWriter:
     def _flush(self) -> None:
         if not self._samples:
             return
-        name = f"shard_{len(self.shards):05d}_t{self._teacher:03d}.safetensors"
+        step, teacher = self._group
+        name = f"shard_{len(self.shards):05d}_s{step:03d}_t{teacher:03d}.safetensors"
         tensors = {"hidden": torch.cat(self._rows).contiguous(), "input_ids": torch.cat(self._ids)}
-        data = st_save(tensors, metadata={"round": str(self.round_id), "teacher": str(self._teacher)})
+        data = st_save(tensors, metadata={"round": str(self.round_id), "step": str(step), "teacher": str(teacher)})
         _put(self.fs, f"{self.dir}/{name}", data)
-        self.shards.append(dict(file=name, teacher=self._teacher, bytes=len(data),
+        self.shards.append(dict(file=name, step=step, teacher=teacher, bytes=len(data),
                                 sha256=hashlib.sha256(data).hexdigest(), rows=self._n_rows, samples=self._samples))
         self._rows, self._ids, self._samples, self._n_rows, self._n_ids = [], [], [], 0, 0
 
     def close(self) -> dict:
         """Write the last shard and then the index, which makes the round visible to readers."""
         self._flush()
+        shards = sorted(self.shards, key=lambda s: (s["step"], s["teacher"]))  # stable: a group keeps its order
         index = dict(format=FORMAT, round=self.round_id, policy=self.policy, dtype=str(self.dtype).removeprefix("torch."),
-                     teachers=self.teachers, shards=self.shards)
+                     teachers=self.teachers, shards=shards)
         _put(self.fs, f"{self.dir}/{INDEX}", json.dumps(index, indent=1).encode())
         return index
 
@@ -146,10 +161,10 @@ class CacheWriter:
 
 
 class CacheReader:
-    """Stream one round's batches, teacher by teacher, verifying each shard; the next shard is read
-    and checked on a background thread while the current one trains.
+    """Stream one round's batches in (step, teacher) order, verifying each shard; the next shard is
+    read and checked on a background thread while the current one trains.
 
-    Batches never mix teachers or cross shards; each holds samples up to `batch_tokens` tokens
+    Batches never mix steps or teachers, nor cross shards; each holds samples up to `batch_tokens` tokens
     (prompt + response), and at least one sample.
     """
 
@@ -169,14 +184,16 @@ class CacheReader:
         if policy is not None and self.index["policy"] != policy:
             raise CacheError(f"{where}: stale cache: sampled from policy {self.index['policy']!r}, "
                              f"training policy {policy!r}")
-        order = [s["teacher"] for s in self.index["shards"]]
+        order = [(s["step"], s["teacher"]) for s in self.index["shards"]]
         if order != sorted(order):
-            raise CacheError(f"{where}: shards are not sorted by teacher: {order}")
+            raise CacheError(f"{where}: shards are not sorted by (step, teacher): {order}")
 
-    @property
-    def teachers(self) -> list[int]:
-        """Teacher ids in the order their batches will arrive."""
-        return list(dict.fromkeys(s["teacher"] for s in self.index["shards"]))
+    def step_tokens(self) -> dict[int, int]:
+        """Response tokens per optimizer step, to weight each batch's share of its step's mean loss."""
+        out: dict[int, int] = {}
+        for s in self.index["shards"]:
+            out[s["step"]] = out.get(s["step"], 0) + s["rows"]
+        return out
 
     def __iter__(self) -> Iterator[TeacherBatch]:
         shards = self.index["shards"]
@@ -208,9 +225,10 @@ class CacheReader:
             tensors = st_load(data)
         except Exception as e:  # checksum matched but the file is not what we wrote: a writer bug
             raise CacheError(f"cache shard {where} cannot be parsed: {e}") from None
-        if meta.get("round") != str(self.round_id) or meta.get("teacher") != str(entry["teacher"]):
-            raise CacheError(f"cache shard {where} belongs to round {meta.get('round')} teacher {meta.get('teacher')}, "
-                             f"expected round {self.round_id} teacher {entry['teacher']}")
+        got = (meta.get("round"), meta.get("step"), meta.get("teacher"))
+        if got != (str(self.round_id), str(entry["step"]), str(entry["teacher"])):
+            raise CacheError(f"cache shard {where} holds round/step/teacher {got}, index says "
+                             f"{(self.round_id, entry['step'], entry['teacher'])}")
         return tensors
 
     def _batches(self, entry: dict, tensors: dict[str, torch.Tensor]) -> Iterator[TeacherBatch]:
@@ -222,6 +240,7 @@ class CacheReader:
                 first, last = group[0]["rows"], group[-1]["rows"]
                 yield TeacherBatch(
                     teacher=entry["teacher"],
+                    step=entry["step"],
                     sample_ids=[g["id"] for g in group],
                     domains=[g["domain"] for g in group],
                     input_ids=[ids[g["ids"][0] : g["ids"][0] + g["ids"][1]].long() for g in group],

@@ -9,6 +9,7 @@ STAGES: dict[str, str] = {
     "base_model": "experts.base_model",
     "sft": "experts.sft",
     "eval": "experts.eval",
+    "opd": "distill.opd",
     "reward_model": "rewards.reward_model",
 }
 

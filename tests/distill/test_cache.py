@@ -11,19 +11,21 @@ from distill.cache import CacheError, CacheReader, CacheWriter, list_rounds, pru
 TEACHERS = [{"name": f"t{i}", "path": f"/ckpt/t{i}"} for i in range(3)]
 
 
-def _write(root, round_id=1, policy="p", shard_rows=10, n_per_teacher=4, hidden=8):
-    """Write samples for 3 teachers; returns {sample_id: (input_ids, prompt_len, hidden)}."""
+def _write(root, round_id=1, policy="p", shard_rows=10, n_per_teacher=4, hidden=8, steps=1):
+    """Write samples for 3 teachers, teacher-major as the teacher forward does; returns
+    {sample_id: (input_ids, prompt_len, hidden)}."""
     g = torch.Generator().manual_seed(round_id)
     want = {}
     with CacheWriter(root, round_id, TEACHERS, policy=policy, shard_rows=shard_rows) as w:
         for t in range(3):
-            for k in range(n_per_teacher):
-                plen, rlen = 3 + k, 2 + (k * 3) % 5
-                ids = torch.randint(0, 100, (plen + rlen,), generator=g).tolist()
-                h = torch.randn(rlen, hidden, generator=g)
-                sid = f"s{t}_{k}"
-                w.add(t, sid, f"d{t}", ids, plen, h)
-                want[sid] = (ids, plen, h)
+            for step in range(steps):
+                for k in range(n_per_teacher):
+                    plen, rlen = 3 + k, 2 + (k * 3) % 5
+                    ids = torch.randint(0, 100, (plen + rlen,), generator=g).tolist()
+                    h = torch.randn(rlen, hidden, generator=g)
+                    sid = f"s{t}_{step}_{k}"
+                    w.add(t, sid, f"d{t}", ids, plen, h, step=step)
+                    want[sid] = (ids, plen, h)
     return want
 
 
@@ -31,12 +33,12 @@ def _write(root, round_id=1, policy="p", shard_rows=10, n_per_teacher=4, hidden=
 def test_round_trip_in_teacher_order_on_any_fsspec_url(tmp_path, kind):
     root = {"local": str(tmp_path / "cache"), "file_url": f"file://{tmp_path}/cache",
             "memory": f"memory://opd-{uuid.uuid4().hex}"}[kind]
-    want = _write(root)
+    want = _write(root, steps=2)
     reader = CacheReader(root, 1, policy="p", batch_tokens=20)
-    assert len(reader.index["shards"]) > 3, "small shard_rows splits a teacher over several shards"
-    seen, teachers = {}, []
+    assert len(reader.index["shards"]) > 6, "small shard_rows splits a group over several shards"
+    seen, order = {}, []
     for b in reader:
-        teachers.append(b.teacher)
+        order.append((b.step, b.teacher))
         assert set(b.domains) == {f"d{b.teacher}"}, "a batch holds one teacher's samples only"
         assert sum(len(i) for i in b.input_ids) <= 20 or len(b.input_ids) == 1
         rows = 0
@@ -44,7 +46,9 @@ def test_round_trip_in_teacher_order_on_any_fsspec_url(tmp_path, kind):
             seen[sid] = (ids.tolist(), plen, b.hidden[rows : rows + n])
             rows += n
         assert rows == b.hidden.shape[0]
-    assert teachers == sorted(teachers) and set(teachers) == {0, 1, 2}
+    # written teacher-major, read step-major: every step walks the teachers in order
+    assert order == sorted(order) and set(order) == {(s, t) for s in range(2) for t in range(3)}
+    assert sum(reader.step_tokens().values()) == sum(h.shape[0] for _, _, h in want.values())
     assert seen.keys() == want.keys()
     for sid, (ids, plen, h) in want.items():
         assert seen[sid][0] == ids and seen[sid][1] == plen
@@ -109,11 +113,12 @@ def test_stale_or_unfinished_rounds_are_refused(tmp_path):
         CacheReader(root, 3)
 
 
-def test_writer_requires_teacher_order(tmp_path):
+def test_writer_requires_each_group_together(tmp_path):
     w = CacheWriter(str(tmp_path), 0, TEACHERS)
-    w.add(1, "a", "d", [1, 2, 3], 2, torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="teacher order"):
-        w.add(0, "b", "d", [1, 2, 3], 2, torch.zeros(1, 4))
+    w.add(0, "a", "d", [1, 2, 3], 2, torch.zeros(1, 4))
+    w.add(1, "b", "d", [1, 2, 3], 2, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="step 0 teacher 0 must be added together"):
+        w.add(0, "c", "d", [1, 2, 3], 2, torch.zeros(1, 4))
 
 
 def test_retention_keeps_newest_rounds(tmp_path):

@@ -1,0 +1,159 @@
+"""The `opd` stage merges 12 tiny teachers into one student, one teacher head at a time."""
+
+import json
+import weakref
+
+import pytest
+import torch
+
+import distill.heads
+import distill.opd
+from distill.heads import HeadStore
+from distill.opd import Config, run
+from distill.rollout import on_policy_kl
+from experts.data import load_samples
+from experts.models import load_model
+from pipeline.context import StageContext
+
+
+def _ctx(tmp_path, name="opd"):
+    out = tmp_path / name
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(workflow="toy", name=name, out_dir=out, seed=0)
+
+
+def _cfg(world, k=12, **kw):
+    base = dict(student=str(world.student), teachers=world.teacher_entries(k),
+                data=[d.model_dump() for d in world.data[:k]], rounds=2, prompts_per_round=2 * k,
+                max_new_tokens=6, batch_tokens=200, lr=3e-3)
+    return Config.model_validate({**base, **kw})
+
+
+def _metrics(ctx):
+    return [json.loads(line) for line in (ctx.out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_twelve_teachers_one_head_at_a_time(toy_world, tmp_path, monkeypatch):
+    """12 teachers end to end: never two heads (or two teacher models) in memory, each head read
+    once per round, batches in teacher order."""
+    live = {"heads": 0, "max_heads": 0, "teachers": 0, "max_teachers": 0}
+    teacher_dirs = {str(p) for p in toy_world.teachers}
+
+    def track(obj, kind):
+        live[kind] += 1
+        live[f"max_{kind}"] = max(live[f"max_{kind}"], live[kind])
+        weakref.finalize(obj, lambda: live.__setitem__(kind, live[kind] - 1))
+        return obj
+
+    real_read, real_load = distill.heads.read_head, distill.opd.load_model
+    monkeypatch.setattr(distill.heads, "read_head", lambda *a, **k: track(real_read(*a, **k), "heads"))
+    monkeypatch.setattr(distill.opd, "load_model", lambda p, *a, **k: track(real_load(p, *a, **k), "teachers")
+                        if str(p) in teacher_dirs else real_load(p, *a, **k))
+    batch_teachers = []
+    real_get = HeadStore.get
+    monkeypatch.setattr(HeadStore, "get", lambda self, t: batch_teachers.append(t) or real_get(self, t))
+    loads = []
+    real_release = HeadStore.release
+    monkeypatch.setattr(HeadStore, "release", lambda self: (loads.append(list(self.loads)), real_release(self))[1])
+
+    ctx = _ctx(tmp_path)
+    before = load_model(toy_world.student).state_dict()
+    run(_cfg(toy_world, rounds=2, batch_tokens=60), ctx)
+
+    assert live["max_heads"] == 1, live
+    assert live["max_teachers"] == 1, live
+    assert loads[-1] == list(range(12)) * 2, "each head read once per teacher per round, in teacher order"
+    first_round = batch_teachers[: len(batch_teachers) // 2]
+    assert first_round == sorted(first_round) and len(first_round) > 12, "several batches per teacher, in order"
+    rows = _metrics(ctx)
+    assert [m["step"] for m in rows] == [1, 2]
+    for m in rows:
+        assert m["heads/loads"] == 12 and m["response_len/mean"] > 0 and m["loss"] > 0
+        assert {f"reverse_kl/domain/{d.domain}" for d in toy_world.data} <= m.keys()
+        assert {"time/generate", "time/teacher_forward", "time/train"} <= m.keys()
+    assert (ctx.checkpoint_dir / "round_2" / "optimizer.pt").exists()
+    after = load_model(ctx.out_dir / "model").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"
+    assert [p.name for p in (ctx.out_dir / "cache").iterdir()] == ["round_000002"], "keep_rounds=1"
+
+
+def test_student_moves_toward_each_domains_teacher(toy_world, tmp_path):
+    """Per-domain KL(student || teacher) on held-out prompts falls after OPD (4 domains)."""
+    k = 4
+    tok_path = toy_world.student
+
+    def measure(path):
+        from experts.models import load_tokenizer
+
+        student, tok = load_model(path), load_tokenizer(tok_path)
+        return {d.domain: on_policy_kl(student, load_model(t), tok, load_samples(d, "heldout") * 4,
+                                       max_new_tokens=8, seed=1)
+                for d, t in zip(toy_world.data[:k], toy_world.teachers)}
+
+    before = measure(toy_world.student)
+    ctx = _ctx(tmp_path)
+    run(_cfg(toy_world, k=k, rounds=5, prompts_per_round=64, steps_per_round=8, lr=1e-2, max_new_tokens=8), ctx)
+    after = measure(ctx.out_dir / "model")
+    for d in before:
+        print(f"{d}: KL(student || teacher) {before[d]:.3f} -> {after[d]:.3f}")
+    for d in before:
+        assert after[d] < 0.6 * before[d], f"{d}: {before[d]:.3f} -> {after[d]:.3f}"
+    losses = [m["loss"] for m in _metrics(ctx)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_resumes_after_a_kill_with_the_cache_on_an_fsspec_url(toy_world, tmp_path):
+    cfg = _cfg(toy_world, k=3, rounds=3, cache_url=f"memory://opd-resume-{tmp_path.name}", keep_rounds=0)
+    ctx = _ctx(tmp_path)
+    seen = []
+
+    def dies_in_round_2(model, tok, samples, *, seed, **kw):
+        seen.append(seed)
+        if len(seen) == 2:
+            raise KeyboardInterrupt("killed")
+        from distill.rollout import generate_rollouts
+
+        return generate_rollouts(model, tok, samples, seed=seed, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, ctx, rollout_fn=dies_in_round_2)
+    assert [p.name for p in ctx.checkpoint_dir.iterdir()] == ["round_1"]
+    run(cfg, ctx)
+    assert [m["step"] for m in _metrics(ctx)] == [1, 2, 3], "round 1 is not repeated"
+    assert (ctx.out_dir / "model" / "config.json").exists()
+    run(cfg, ctx)  # everything done: nothing re-runs
+    assert [m["step"] for m in _metrics(ctx)] == [1, 2, 3]
+
+
+def test_teacher_with_another_tokenizer_is_refused(toy_world, tmp_path):
+    from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
+    from pipeline.config import UserError
+
+    tok = train_tokenizer(["completely different text"] * 5, vocab_size=280)
+    odd = save_checkpoint(build_tiny_model(tok, hidden_size=32, num_hidden_layers=1, intermediate_size=64), tok,
+                          tmp_path / "odd")
+    teachers = toy_world.teacher_entries(2)
+    teachers[1]["model"] = str(odd)
+    with pytest.raises(UserError, match="teachers.1.model: .* different tokenizer"):
+        run(_cfg(toy_world, k=2, teachers=teachers), _ctx(tmp_path))
+
+
+def test_config_in_a_workflow_file(toy_world, tmp_path):
+    import yaml
+
+    from pipeline.config import UserError, load_workflow
+
+    stage = {"kind": "opd", "config": {"student": str(toy_world.student), "teachers": toy_world.teacher_entries(2),
+                                       "data": [d.model_dump(exclude_defaults=True) for d in toy_world.data[:2]]}}
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump({"name": "w", "stages": {"opd": stage}}))
+    cfg = load_workflow(path).stages["opd"].config
+    assert cfg.divergence == "reverse_kl" and len(cfg.teachers) == 2
+    stage["config"]["teachers"][1]["domains"] = ["d00"]
+    path.write_text(yaml.safe_dump({"name": "w", "stages": {"opd": stage}}))
+    with pytest.raises(UserError, match="claimed by teachers 0 and 1"):
+        load_workflow(path)
+    stage["config"]["teachers"][1].update(domains=["d01"], model=str(tmp_path / "nope"))
+    path.write_text(yaml.safe_dump({"name": "w", "stages": {"opd": stage}}))
+    with pytest.raises(UserError, match=r"teachers.1.model: .* does not exist"):
+        load_workflow(path)
