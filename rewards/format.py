@@ -2,21 +2,19 @@
 
 Well formed means: a think block, if any, opens at the start and is closed exactly once
 (`<think>...</think>` then the answer); every tool call is valid XML of the form
-`<|tool_call|><invoke name="..."><parameter name="...">...</parameter></invoke><|/tool_call|>`;
+`<|tool_call|><invoke name="..."><parameter name="...">...</parameter></invoke><|/tool_call|>`
+(parsed by `sandbox.toolcall`, the episode runner's own parser);
 and there is an answer (non-empty text after the think block, or a tool call).
 """
 
 from __future__ import annotations
 
-import re
-import xml.etree.ElementTree as ET
 from typing import Sequence
 
 from rewards.base import RewardResult, Sample
+from sandbox import toolcall
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
-_TOOL_CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S)
 
 
 def split_think(completion: str) -> tuple[str | None, str | None]:
@@ -49,28 +47,15 @@ def answer_text(completion: str) -> str:
 def tool_call_errors(text: str) -> list[str]:
     """Problems with the tool calls in `text` (empty when every call is well formed).
 
-    >>> ok = '<|tool_call|><invoke name="bash"><parameter name="cmd">ls</parameter></invoke><|/tool_call|>'
-    >>> tool_call_errors(ok)
+    Uses the sandbox's parser, so "well formed" here is exactly what the episode runner executes
+    (one call per turn, known tools, required parameters; bodies are raw text, not escaped XML).
+
+    >>> tool_call_errors('<|tool_call|><invoke name="bash"><parameter name="command">ls</parameter></invoke><|/tool_call|>')
     []
     >>> tool_call_errors('<|tool_call|><invoke name="bash"><parameter>ls</invoke><|/tool_call|>')
-    ['tool call 1 is not valid XML: mismatched tag: line 1, column 35']
+    ["tool call 1 (bash): text outside <parameter> tags: '<parameter>ls'"]
     """
-    errors = []
-    if text.count(TOOL_CALL_OPEN) != text.count(TOOL_CALL_CLOSE):
-        errors.append("unbalanced <|tool_call|> markers")
-    for i, body in enumerate(_TOOL_CALL.findall(text), 1):
-        try:
-            root = ET.fromstring(body.strip())
-        except ET.ParseError as e:
-            errors.append(f"tool call {i} is not valid XML: {e}")
-            continue
-        if root.tag != "invoke" or not root.get("name"):
-            errors.append(f"tool call {i}: expected <invoke name=...>, got <{root.tag}>")
-            continue
-        for child in root:
-            if child.tag != "parameter" or not child.get("name"):
-                errors.append(f"tool call {i}: expected <parameter name=...>, got <{child.tag}>")
-    return errors
+    return toolcall.parse(text).errors
 
 
 def format_problems(completion: str) -> list[str]:

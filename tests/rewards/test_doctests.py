@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["rewards.base", "rewards.format", "rewards.math_answer", "rewards.instruction", "rewards.combine", "rewards.if_data", "rewards.reward_model", "rewards.code_tests"]
+MODULES = ["rewards.base", "rewards.format", "rewards.math_answer", "rewards.instruction", "rewards.combine", "rewards.if_data", "rewards.reward_model", "rewards.code_tests", "rewards.agent"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -3,8 +3,9 @@
 import pytest
 
 from rewards.format import FormatReward, format_problems
+from sandbox.toolcall import format_call
 
-CALL = '<|tool_call|><invoke name="bash"><parameter name="command">ls -la</parameter></invoke><|/tool_call|>'
+CALL = format_call("bash", command="ls -la && echo 'a<b'")  # raw bodies: no XML escaping
 
 
 @pytest.mark.parametrize(
@@ -24,10 +25,12 @@ def test_well_formed_responses_score_one(completion):
         ("intro <think>a</think> 4", "text before <think>"),
         ("<think>a</think><think>b</think> 4", "expected one <think>"),
         ("4 </think>", "expected one <think>"),
-        ("<think>a</think>" + CALL.replace("</parameter>", ""), "not valid XML"),
+        ("<think>a</think>" + CALL.replace("</parameter>", ""), "text outside <parameter> tags"),
         ("<think>a</think><|tool_call|><invoke><parameter name='x'>1</parameter></invoke><|/tool_call|>",
-         "expected <invoke name=...>"),
-        ("<think>a</think>" + CALL.replace("<|/tool_call|>", ""), "unbalanced"),
+         'expected <invoke name="TOOL">'),
+        ("<think>a</think>" + CALL.replace("<|/tool_call|>", ""), "not closed with <|/tool_call|>"),
+        ("<think>a</think>" + CALL.replace("bash", "rm_rf"), "unknown tool 'rm_rf'"),
+        ("<think>a</think>" + CALL + CALL, "2 tool calls in one turn"),
     ],
 )
 def test_malformed_responses_score_zero_with_the_problem(completion, problem):
