@@ -1,0 +1,159 @@
+"""GRPO's math as pure functions: group advantages, the clipped policy loss, k3 KL, entropy.
+
+Shapes: B sequences, T positions (the response tokens of each row, right-padded), V vocabulary,
+G samples per prompt. Every per-token tensor comes with a `mask` [B, T] (1.0 where the token is
+the model's own and counts in the loss; 0.0 on padding, prompt and tool-result tokens).
+
+References:
+- GRPO: Shao et al. 2024, "DeepSeekMath" (group-normalised advantages, k3 KL in the loss).
+- Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training" (drop the std division).
+- DAPO: Yu et al. 2025 (token-level aggregation, clip-higher, dynamic sampling, overlong shaping).
+- k3 estimator: Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+LossAgg = Literal["token_mean", "seq_mean"]
+
+
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Each sample's reward relative to its group: `(r - mean) / (std + eps)`.  [groups, G] -> [groups, G]
+
+    `scale_by_std=False` is Dr. GRPO's estimator (Liu et al. 2025, sec. 3.1): dividing by the
+    group's std up-weights near-solved and near-failed prompts, a difficulty bias; verl exposes
+    the same choice as `norm_adv_by_std_in_grpo`. std is the unbiased one, as in DeepSeekMath and verl.
+
+    >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]))  # mean 0.5, std 0.577
+    tensor([[ 0.8660, -0.8660, -0.8660,  0.8660]])
+    >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), scale_by_std=False)
+    tensor([[ 0.5000, -0.5000, -0.5000,  0.5000]])
+    """
+    mean = rewards.mean(dim=-1, keepdim=True)
+    centred = rewards - mean
+    if not scale_by_std:
+        return centred
+    std = rewards.std(dim=-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    return centred / (std + eps)
+
+
+def informative_groups(rewards: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Groups whose rewards are not all equal.  [groups, G] -> bool [groups]
+
+    A group where every sample scores the same has zero advantage everywhere, so it adds no
+    gradient, only noise in the normalisation; DAPO's dynamic sampling drops such groups.
+
+    >>> informative_groups(torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]))
+    tensor([False,  True, False])
+    """
+    return (rewards.max(dim=-1).values - rewards.min(dim=-1).values) > tol
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward.  [B] -> [B]
+
+    0 up to `max_len - buffer` tokens, then falling linearly to `-penalty` at `max_len`.
+
+    >>> overlong_penalty(torch.tensor([10, 12, 14, 16]), max_len=16, buffer=4)
+    tensor([ 0.0000,  0.0000, -0.5000, -1.0000])
+    """
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0) / max(buffer, 1)
+    return 0.0 - penalty * over.clamp(max=1.0)  # 0.0 - x, so no -0.0
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) under `softmax(logits / temperature)`.  logits [B, T, V], tokens [B, T] -> [B, T]
+
+    The rollout samples at `temperature`, so the policy being optimised is the tempered one
+    (verl does the same); rollout and learner must use the same temperature here.
+    """
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the tempered next-token distribution.  [B, T, V] -> [B, T]"""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) by the k3 estimator: `exp(r) - r - 1` with `r = ref_logp - logp`.  [B, T]
+
+    Unbiased for samples from pi and never negative (Schulman 2020); DeepSeekMath eq. 4.
+    The log-ratio is clamped to [-20, 20] as verl does, so one wild token cannot overflow exp.
+
+    >>> k3_kl(torch.tensor([0.0, 0.0]), torch.tensor([0.0, -1.0]))  # e^-1 + 1 - 1 = 0.3679
+    tensor([0.0000, 0.3679])
+    """
+    r = (ref_logp - logp).clamp(-20.0, 20.0)
+    return r.exp() - r - 1.0
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, how: LossAgg, normaliser: float | None = None) -> torch.Tensor:
+    """Reduce per-token values [B, T] to a scalar.
+
+    token_mean (DAPO, the default): sum over every unmasked token / number of such tokens, so a
+      long response weighs in proportion to its length and long wrong answers are not diluted.
+    seq_mean (original GRPO): mean over each row's tokens, then mean over rows.
+
+    `normaliser` replaces the denominator (tokens or rows) by the count over the whole mini-batch,
+    so gradient accumulation over micro-batches gives exactly the full mini-batch's gradient.
+    """
+    mask = mask.to(values.dtype)
+    if how == "token_mean":
+        denom = normaliser if normaliser is not None else mask.sum().clamp(min=1.0)
+        return (values * mask).sum() / denom
+    if how == "seq_mean":
+        per_row = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        denom = normaliser if normaliser is not None else values.shape[0]
+        return per_row.sum() / denom
+    raise ValueError(f"unknown loss aggregation {how!r}")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    agg: LossAgg = "token_mean",
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    normaliser: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's clipped surrogate with an optional k3 KL penalty; returns (loss, detached stats).
+
+    logp, old_logp, mask, ref_logp: [B, T]; advantages: [B] (one per sequence, broadcast over
+    its tokens) or [B, T]. Per token, with ratio = exp(logp - old_logp):
+
+        pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) + kl_coef * k3(logp, ref)
+
+    Asymmetric clipping is DAPO's clip-higher: a larger `clip_high` lets low-probability tokens
+    with positive advantage grow, which keeps entropy from collapsing. stats: `clip_frac` (tokens
+    where the clipped branch is taken), `kl` (mean k3), `ratio_mean`, all over unmasked tokens.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if ref_logp is not None and kl_coef:
+        per_token = per_token + kl_coef * kl
+    loss = aggregate(per_token, mask, agg, normaliser)
+    m = mask.to(logp.dtype)
+    n = m.sum().clamp(min=1.0)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": ((clipped > unclipped).to(m.dtype) * m).sum() / n,
+            "kl": (kl.detach() * m).sum() / n,
+            "ratio_mean": (ratio.detach() * m).sum() / n,
+        }
+    return loss, stats

@@ -1,0 +1,150 @@
+"""GRPO's loss math matches hand-worked values and a naive per-token reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from experts.grpo_loss import (
+    aggregate,
+    entropy_from_logits,
+    group_advantages,
+    informative_groups,
+    k3_kl,
+    overlong_penalty,
+    policy_loss,
+    token_logprobs,
+)
+
+
+def naive_loss(logp, old, adv, mask, lo, hi, agg, ref=None, beta=0.0):
+    """Token by token with Python floats: the definition, written out."""
+    rows = []
+    for b in range(logp.shape[0]):
+        terms = []
+        for t in range(logp.shape[1]):
+            if not mask[b, t]:
+                continue
+            ratio = math.exp(logp[b, t] - old[b, t])
+            a = float(adv[b])
+            term = max(-a * ratio, -a * min(max(ratio, 1 - lo), 1 + hi))
+            if ref is not None:
+                r = float(ref[b, t] - logp[b, t])
+                term += beta * (math.exp(r) - r - 1)
+            terms.append(term)
+        rows.append(terms)
+    if agg == "token_mean":
+        flat = [x for r in rows for x in r]
+        return sum(flat) / len(flat)
+    return sum(sum(r) / len(r) for r in rows) / len(rows)
+
+
+def test_group_advantages_hand_worked():
+    # group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) = 0.5774 -> +-0.5 / 0.5774 = +-0.8660
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]]))
+    torch.testing.assert_close(adv[0], torch.tensor([0.8660, -0.8660, -0.8660, 0.8660]), atol=1e-4, rtol=0)
+    assert torch.equal(adv[1], torch.zeros(4))  # equal rewards: zero advantage, no NaN
+    # Dr. GRPO: no std division, [3, 1] -> mean 2 -> [1, -1]
+    assert torch.equal(group_advantages(torch.tensor([[3.0, 1.0]]), scale_by_std=False), torch.tensor([[1.0, -1.0]]))
+
+
+def test_clipping_on_both_sides_hand_worked():
+    # ratio = e^(logp - old): token 0 ratio 1.5 (above 1 + 0.28), token 1 ratio 0.5 (below 1 - 0.2)
+    old = torch.zeros(1, 2)
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    mask = torch.ones(1, 2)
+    # A = +1: token 0 is clipped to 1.28 -> -1.28; token 1 stays 0.5 (pessimistic max) -> -0.5
+    loss, stats = policy_loss(logp, old, torch.tensor([1.0]), mask, clip_low=0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx((-1.28 - 0.5) / 2)
+    assert stats["clip_frac"].item() == pytest.approx(0.5)
+    # A = -1: token 0 stays 1.5 -> +1.5; token 1 is clipped up to 0.8 -> +0.8
+    loss, stats = policy_loss(logp, old, torch.tensor([-1.0]), mask, clip_low=0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx((1.5 + 0.8) / 2)
+    assert stats["clip_frac"].item() == pytest.approx(0.5)
+
+
+def test_token_mean_and_seq_mean_differ_as_worked_by_hand():
+    # row 0 has 1 token of value 1, row 1 has 3 tokens of value 3 (one position masked out)
+    values = torch.tensor([[1.0, 9.0, 9.0, 9.0], [3.0, 3.0, 3.0, 9.0]])
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]])
+    assert aggregate(values, mask, "token_mean").item() == pytest.approx((1 + 9) / 4)  # 2.5
+    assert aggregate(values, mask, "seq_mean").item() == pytest.approx((1 + 3) / 2)  # 2.0
+
+
+def test_k3_kl_hand_worked_and_non_negative():
+    # r = ref - logp = -1: e^-1 + 1 - 1 = 0.3679; r = 1: e - 2 = 0.7183; r = 0: 0
+    kl = k3_kl(torch.tensor([0.0, 0.0, -1.0]), torch.tensor([-1.0, 1.0, -1.0]))
+    torch.testing.assert_close(kl, torch.tensor([0.3679, 0.7183, 0.0]), atol=1e-4, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    assert (k3_kl(torch.randn(100, generator=g), torch.randn(100, generator=g)) >= 0).all()
+
+
+def test_k3_is_an_unbiased_kl_estimate():
+    """Sampling x ~ p, the mean of k3 approaches the exact KL(p || q)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(6, generator=g), 0)
+    q = torch.softmax(torch.randn(6, generator=g), 0)
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    estimate = k3_kl(p.log()[x], q.log()[x]).mean()
+    exact = (p * (p.log() - q.log())).sum()
+    assert estimate.item() == pytest.approx(exact.item(), rel=0.03)
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_policy_loss_matches_naive_reference_on_random_tensors(agg, beta):
+    g = torch.Generator().manual_seed(1)
+    B, T = 5, 7
+    old = -torch.rand(B, T, generator=g) * 3
+    logp = old + torch.randn(B, T, generator=g) * 0.4  # ratios on both sides of the clip range
+    ref = old + torch.randn(B, T, generator=g) * 0.3
+    adv = torch.randn(B, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    mask[:, 0] = 1  # every row has a token
+    loss, stats = policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, ref_logp=ref, kl_coef=beta)
+    want = naive_loss(logp, old, adv, mask.bool(), 0.2, 0.28, agg, ref if beta else None, beta)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert 0 < stats["clip_frac"].item() < 1
+
+
+def test_masked_tokens_get_no_gradient():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    loss, _ = policy_loss(logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask)
+    loss.backward()
+    assert torch.equal(logp.grad == 0, mask == 0)
+
+
+def test_micro_batches_with_a_shared_normaliser_sum_to_the_full_batch_loss():
+    g = torch.Generator().manual_seed(2)
+    logp, old = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    adv, mask = torch.randn(6, generator=g), (torch.rand(6, 5, generator=g) > 0.4).float()
+    for agg, n in (("token_mean", mask.sum().item()), ("seq_mean", 6)):
+        full, _ = policy_loss(logp, old, adv, mask, agg=agg)
+        parts = sum(policy_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], agg=agg, normaliser=n)[0]
+                    for i in range(0, 6, 2))
+        assert parts.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_dynamic_sampling_and_overlong_shaping():
+    assert informative_groups(torch.tensor([[0.5, 0.5, 0.5], [0.0, 0.0, 1.0]])).tolist() == [False, True]
+    # max 20, buffer 8: free up to 12, then -1/8 per token, -1 at 20
+    assert overlong_penalty(torch.tensor([5, 12, 16, 20]), 20, 8).tolist() == [0.0, 0.0, -0.5, -1.0]
+
+
+def test_logprobs_and_entropy_of_a_uniform_distribution():
+    logits = torch.zeros(1, 2, 4)
+    torch.testing.assert_close(token_logprobs(logits, torch.tensor([[0, 3]])), torch.full((1, 2), -math.log(4)))
+    torch.testing.assert_close(entropy_from_logits(logits), torch.full((1, 2), math.log(4)))
+    # temperature 0.5 doubles the logits: [2, 0] -> p = e^2 / (e^2 + 1) = 0.8808
+    assert token_logprobs(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[0]]), 0.5).exp().item() == pytest.approx(0.8808, abs=1e-4)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import experts.grpo_loss
+
+    assert doctest.testmod(experts.grpo_loss).failed == 0
