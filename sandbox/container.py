@@ -139,7 +139,7 @@ class Box:
         api = self.client.api
         container = api.create_container(
             image,
-            command=["python3", "-I", "-S", "-c", SERVER_SRC],
+            command=["python3", "-I", "-c", SERVER_SRC],
             name=self.name,
             stdin_open=True,
             user="65534:65534",
@@ -201,17 +201,21 @@ class Box:
     # -- operations ----------------------------------------------------------------------------
     def exec(
         self,
-        argv: list[str],
+        argv: list[str] | None = None,
         *,
+        python: str | None = None,
         files: dict[str, str | bytes] | None = None,
         stdin: str | bytes | None = None,
         timeout: float | None = None,
         kill_group: bool = True,
     ) -> Result:
-        """Run argv in /work; never raises: a failure of the sandbox itself is an error Result."""
+        """Run argv (or Python code, as `python3 -c` would, in a forked copy of the exec server) in /work.
+
+        Never raises: a failure of the sandbox itself comes back as an error Result.
+        """
         timeout = self.limits.timeout_s if timeout is None else timeout
         req = {
-            "op": "exec", "argv": argv, "timeout": timeout, "kill_group": kill_group,
+            "op": "exec", "argv": argv, "python": python, "timeout": timeout, "kill_group": kill_group,
             "max_output": self.limits.max_output_bytes,
             "stdin": _b64(stdin) if stdin else "",
             "files": {p: _b64(d) for p, d in (files or {}).items()},

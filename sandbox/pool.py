@@ -22,9 +22,6 @@ from sandbox.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
-CODE_PATH = "/tmp/main.py"  # where `run(code=...)` puts the program (argv would cap it at 128 KiB)
-
-
 def command_argv(cmd: str | list[str]) -> list[str]:
     """A shell string runs under bash -c; a list is an argv.
 
@@ -121,20 +118,18 @@ class SandboxPool:
         stdin: str | bytes | None = None,
         timeout: float | None = None,
     ) -> Result:
-        """Run Python `code` (or a shell `cmd`) in a fresh-state container; never raises for user code."""
+        """Run Python `code` (as `python3 -c`) or a shell `cmd` in a fresh-state container.
+
+        Never raises for anything the code does; a sandbox failure is a Result with `error` set.
+        """
         if (code is None) == (cmd is None):
             raise ValueError("pass exactly one of code= or cmd=")
-        files = dict(files or {})
-        if code is not None:
-            files[CODE_PATH] = code
-            argv = ["python3", CODE_PATH]
-        else:
-            argv = command_argv(cmd)
+        argv = None if cmd is None else command_argv(cmd)
         try:
             box = self._checkout()
         except SandboxError as e:
             return Result.failed(str(e))
-        result = box.exec(argv, files=files, stdin=stdin, timeout=timeout)
+        result = box.exec(argv, python=code, files=files, stdin=stdin, timeout=timeout)
         self._checkin(box)
         return result
 
@@ -243,14 +238,10 @@ class SandboxPool:
     # -- internals -----------------------------------------------------------------------------
     def _do(self, box: Box, op: str, args: dict) -> Any:
         if op == "exec":
-            code, cmd = args.get("code"), args.get("cmd")
-            files = {}
-            if code is not None:
-                files[CODE_PATH] = code
-                argv = ["python3", CODE_PATH]
-            else:
-                argv = command_argv(cmd)
-            return box.exec(argv, files=files, stdin=args.get("stdin"), timeout=args.get("timeout")).to_dict()
+            cmd = args.get("cmd")
+            argv = None if cmd is None else command_argv(cmd)
+            return box.exec(argv, python=args.get("code"), stdin=args.get("stdin"),
+                            timeout=args.get("timeout")).to_dict()
         if op == "write_file":
             box.write_file(args["path"], args["content"])
             return None

@@ -9,21 +9,24 @@ it installed a handler, so user code (same uid) cannot kill the server; and as i
 orphans. It also marks itself non-dumpable, so same-uid user code cannot ptrace it or open
 /proc/1/fd/* to forge replies on the channel.
 
-Requests: {"op": "ping"} | {"op": "exec", "argv": [...], "stdin": b64, "files": {path: b64},
+Requests: {"op": "ping"} | {"op": "exec", "argv": [...] or "python": code, "stdin": b64, "files": {path: b64},
 "timeout": s, "max_output": bytes, "kill_group": bool} | {"op": "write", "path", "data": b64} |
 {"op": "read", "path", "max_bytes"} | {"op": "reset"}.  Replies carry "ok" and the op's fields.
 """
 
+import atexit
 import base64
 import ctypes
+import io
 import json
 import os
 import selectors
 import shutil
 import signal
-import subprocess
 import sys
 import time
+import traceback  # imported up front so forked children do not pay for it
+import types
 
 WORK = "/work"
 SCRATCH = ("/work", "/tmp")
@@ -108,6 +111,95 @@ def child_setup():
         f.write("1000")
 
 
+def run_python(code):
+    """In a forked child: run `code` as `python3 -c` would, without paying interpreter start-up.
+
+    The child is a copy of this interpreter, so modules the server imported are already loaded;
+    otherwise it behaves like `python3 -c CODE` in /work: __name__ == "__main__", sys.argv == ["-c"],
+    "" first on sys.path, exit status from SystemExit, traceback and status 1 on an exception,
+    non-daemon threads joined and atexit handlers run before exiting.
+    """
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(open(0, "rb", closefd=False), encoding="utf-8")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = io.TextIOWrapper(open(fd, "wb", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", write_through=True)
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+    sys.argv = ["-c"]
+    sys.path[0:0] = [""]
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    status = 0
+    try:
+        exec(compile(code, "<string>", "exec"), main.__dict__)
+    except SystemExit as e:
+        if e.code is None:
+            status = 0
+        elif isinstance(e.code, int):
+            status = e.code & 0xFF
+        else:
+            print(e.code, file=sys.stderr)
+            status = 1
+    except BaseException as e:  # noqa: BLE001 -- as the interpreter would: print it, exit 1
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # hide this frame
+        status = 1
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+    os._exit(status)
+
+
+def spawn(req):
+    """fork a child in its own session with fresh pipes; it execs argv or runs Python code in place.
+
+    Returns (pid, stdin write fd, stdout read fd, stderr read fd).
+    """
+    pipes = [os.pipe() for _ in range(3)]  # (r, w) for stdin, stdout, stderr
+    pid = os.fork()
+    if pid == 0:  # child: never return from here
+        try:
+            os.setsid()
+            child_setup()
+            os.dup2(pipes[0][0], 0)
+            os.dup2(pipes[1][1], 1)
+            os.dup2(pipes[2][1], 2)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the host channel was fds 0 and 1, now replaced
+            os.chdir(WORK)
+            os.environ.clear()
+            os.environ.update(ENV)
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
+            if req.get("python") is not None:
+                signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python3 sets it at start-up
+                run_python(req["python"])
+            argv = req["argv"]
+            os.execvpe(argv[0], argv, ENV)
+        except BaseException as e:  # noqa: BLE001 -- e.g. command not found
+            try:
+                os.write(2, f"{e}\n".encode())
+            finally:
+                os._exit(127 if isinstance(e, FileNotFoundError) else 126)
+    for r, w in pipes:
+        os.close(r if (r, w) == pipes[0] else w)
+    return pid, pipes[0][1], pipes[1][0], pipes[2][0]
+
+
+def wait_status(pid, block):
+    """The child's status (shell convention: 128+N when killed by signal N), or None if running."""
+    try:
+        got, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:
+        return -1
+    if got == 0:
+        return None
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 def run(req):
     for path, data in (req.get("files") or {}).items():
         write(path, base64.b64decode(data))
@@ -117,15 +209,11 @@ def run(req):
     oom_before = oom_kills()
     start = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            req["argv"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=WORK, env=ENV, start_new_session=True, preexec_fn=child_setup, close_fds=True,
-        )
+        pid, in_fd, out_fd, err_fd = spawn(req)
     except OSError as e:  # e.g. EAGAIN when the pids limit is exhausted
-        return {"ok": True, "stdout": "", "stderr": base64.b64encode(str(e).encode()).decode(),
+        return {"ok": True, "stdout": "", "stderr": base64.b64encode(f"sandbox: {e}\n".encode()).decode(),
                 "exit_code": 126, "timed_out": False, "oom_killed": False, "truncated": False,
                 "duration": time.monotonic() - start}
-    out_fd, err_fd, in_fd = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
     bufs = {out_fd: bytearray(), err_fd: bytearray()}
     truncated = False
     sel = selectors.DefaultSelector()
@@ -136,15 +224,19 @@ def run(req):
         os.set_blocking(in_fd, False)
         sel.register(in_fd, selectors.EVENT_WRITE)
     else:
-        proc.stdin.close()
+        os.close(in_fd)
+        in_fd = -1
     pending = memoryview(stdin)
     deadline = start + timeout
     timed_out = False
+    code = None
     exited_at = None
     while sel.get_map():
         now = time.monotonic()
-        if proc.poll() is not None and exited_at is None:
-            exited_at = now
+        if code is None:
+            code = wait_status(pid, block=False)
+            if code is not None:
+                exited_at = now
         # Background children may hold the pipes open after the main process exits: give them a
         # short grace, then stop listening rather than wait for them.
         if exited_at is not None and now - exited_at > 0.05:
@@ -158,48 +250,48 @@ def run(req):
                 try:
                     n = os.write(fd, pending[:65536])
                     pending = pending[n:]
-                except (BrokenPipeError, OSError):
+                except OSError:
                     pending = pending[:0]
                 if not pending:
                     sel.unregister(fd)
-                    proc.stdin.close()
+                    os.close(fd)  # EOF for the child
+                    in_fd = -1
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
                 sel.unregister(fd)
                 continue
-            buf = bufs[fd]
             room = cap - len(bufs[out_fd]) - len(bufs[err_fd])
             if len(chunk) > room:
                 truncated = True
                 chunk = chunk[: max(0, room)]
-            buf += chunk  # past the cap we keep draining (and dropping) so the writer never blocks
-    if not timed_out:
-        try:  # pipes closed: the process is exiting, or closed them and runs on
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            bufs[fd] += chunk  # past the cap we keep draining (and dropping) so the writer never blocks
+    if code is None and not timed_out:
+        # Pipes closed: the process is exiting, or closed them and runs on until the deadline.
+        while code is None and time.monotonic() < deadline:
+            code = wait_status(pid, block=False)
+            if code is None:
+                time.sleep(0.001)
+        timed_out = code is None
     if timed_out or req.get("kill_group", True):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    code = proc.wait()
+    if code is None:
+        code = wait_status(pid, block=True)
     sel.close()
-    for f in (proc.stdout, proc.stderr, proc.stdin):
-        try:
-            f.close()
-        except OSError:
-            pass
+    for fd in (in_fd, out_fd, err_fd):
+        if fd >= 0:
+            os.close(fd)
     reap()
-    oom_after = oom_kills()
     return {
         "ok": True,
         "stdout": base64.b64encode(bytes(bufs[out_fd])).decode(),
         "stderr": base64.b64encode(bytes(bufs[err_fd])).decode(),
-        "exit_code": 128 - code if code < 0 else code,
+        "exit_code": code,
         "timed_out": timed_out,
-        "oom_killed": oom_after > oom_before >= 0,
+        "oom_killed": oom_kills() > oom_before >= 0,
         "truncated": truncated,
         "duration": time.monotonic() - start,
     }
