@@ -1,0 +1,128 @@
+"""Serve a `SandboxPool` over Ray so rollout workers on any node share one machine's warm containers.
+
+`SandboxActor` is a thin shell: every method forwards to the plain pool (which tests call
+directly). `serve_pool` starts (or finds) a named actor; `RemotePool` is the client side, with the
+same `run` / `session` API as the local pool. More machines means more actors, one per node:
+pass all their handles to `RemotePool`, which spreads `run` calls round-robin and pins each
+session to the actor that opened it.
+
+Trajectory files named in `session(trajectory=...)` are written on the actor's node.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from sandbox.container import Limits, Result
+from sandbox.image import DEFAULT_IMAGE
+from sandbox.pool import SandboxPool
+
+
+class SandboxActor:
+    """Ray actor body: one `SandboxPool` on the actor's node."""
+
+    def __init__(self, size: int, image: str, limits: dict | None, max_starting: int, session_ttl_s: float):
+        self.pool = SandboxPool(size, image, Limits(**(limits or {})), max_starting=max_starting,
+                                session_ttl_s=session_ttl_s)
+
+    def run(self, code: str | None = None, **kwargs: Any) -> dict:
+        return self.pool.run(code, **kwargs).to_dict()
+
+    def open_session(self, trajectory: str | None = None, ttl_s: float | None = None) -> str:
+        return self.pool.open_session(trajectory, ttl_s)
+
+    def session_call(self, sid: str, op: str, args: dict) -> Any:
+        return self.pool.session_call(sid, op, **args)
+
+    def close_session(self, sid: str) -> None:
+        self.pool.close_session(sid)
+
+    def info(self) -> dict:
+        return {"size": self.pool.size, "image": self.pool.image, "containers": self.pool.containers(),
+                "stats": dict(self.pool.stats)}
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def serve_pool(
+    size: int = 4,
+    image: str = DEFAULT_IMAGE,
+    limits: Limits | None = None,
+    *,
+    name: str = "sandbox-pool",
+    max_starting: int = 4,
+    session_ttl_s: float = 900.0,
+    **actor_options: Any,
+) -> ray.actor.ActorHandle:
+    """Start the named pool actor, or return the one already serving under `name`.
+
+    The actor is threaded (`max_concurrency` well above `size`) so callers queue inside the
+    pool's own FIFO rather than in Ray's mailbox. Pass e.g. `scheduling_strategy=` to pin it to a node.
+    """
+    options = {"name": name, "get_if_exists": True, "max_concurrency": max(16, 8 * size), "num_cpus": 0}
+    options.update(actor_options)
+    cls = ray.remote(SandboxActor).options(**options)
+    return cls.remote(size, image, limits.model_dump() if limits else None, max_starting, session_ttl_s)
+
+
+class RemotePool:
+    """Client for one or more pool actors, with the local pool's `run` / `session` API."""
+
+    def __init__(self, actors: ray.actor.ActorHandle | list[ray.actor.ActorHandle]):
+        self.actors = actors if isinstance(actors, list) else [actors]
+        self._next = itertools.cycle(self.actors)
+        self._lock = threading.Lock()
+
+    def _pick(self) -> ray.actor.ActorHandle:
+        with self._lock:
+            return next(self._next)
+
+    def run(self, code: str | None = None, **kwargs: Any) -> Result:
+        return Result(**ray.get(self._pick().run.remote(code, **kwargs)))
+
+    async def arun(self, code: str | None = None, **kwargs: Any) -> Result:
+        return Result(**await self._pick().run.remote(code, **kwargs))
+
+    def session(self, trajectory: str | Path | None = None, ttl_s: float | None = None,
+                actor: ray.actor.ActorHandle | None = None) -> RemoteSession:
+        """Open (or, with an existing trajectory file, resume) a session; resume on the same `actor`."""
+        actor = actor or self._pick()
+        sid = ray.get(actor.open_session.remote(None if trajectory is None else str(trajectory), ttl_s))
+        return RemoteSession(actor, sid)
+
+
+class RemoteSession:
+    """`Session` over Ray: the container stays with the actor, so a dead worker can resume it."""
+
+    def __init__(self, actor: ray.actor.ActorHandle, sid: str):
+        self.actor, self.id = actor, sid
+
+    def _call(self, op: str, **args: Any) -> Any:
+        return ray.get(self.actor.session_call.remote(self.id, op, args))
+
+    def exec(self, cmd: str | list[str], *, stdin: str | None = None, timeout: float | None = None) -> Result:
+        return Result(**self._call("exec", cmd=cmd, stdin=stdin, timeout=timeout))
+
+    def python(self, code: str, *, stdin: str | None = None, timeout: float | None = None) -> Result:
+        return Result(**self._call("exec", code=code, stdin=stdin, timeout=timeout))
+
+    def write_file(self, path: str, content: str) -> None:
+        self._call("write_file", path=path, content=content)
+
+    def read_file(self, path: str, max_bytes: int | None = None) -> str:
+        return self._call("read_file", path=path, max_bytes=max_bytes)
+
+    def close(self) -> None:
+        ray.get(self.actor.close_session.remote(self.id))
+
+    def __enter__(self) -> RemoteSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
