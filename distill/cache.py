@@ -40,7 +40,6 @@ from typing import Iterator, Sequence
 
 import fsspec
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 log = logging.getLogger(__name__)
@@ -221,8 +220,7 @@ class CacheReader:
         if digest != entry["sha256"]:
             raise CacheError(f"cache shard {where} is corrupt: sha256 {digest[:12]}..., index says {entry['sha256'][:12]}...")
         try:
-            meta = _metadata(data)
-            tensors = st_load(data)
+            meta, tensors = _parse(data)
         except Exception as e:  # checksum matched but the file is not what we wrote: a writer bug
             raise CacheError(f"cache shard {where} cannot be parsed: {e}") from None
         got = (meta.get("round"), meta.get("step"), meta.get("teacher"))
@@ -286,9 +284,24 @@ def _put(fs, path: str, data: bytes) -> None:
     fs.mv(tmp, path)
 
 
-def _metadata(data: bytes) -> dict:
-    (n,) = struct.unpack("<Q", data[:8])  # safetensors: u64 header length, then a JSON header
-    return json.loads(data[8 : 8 + n]).get("__metadata__", {})
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
+
+
+def _parse(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file in memory: one copy into a writable buffer, then
+    views on it (safetensors.torch.load builds each tensor separately and is ~5x slower here)."""
+    (n,) = struct.unpack("<Q", data[:8])  # safetensors: u64 header length, JSON header, then the bytes
+    header = json.loads(data[8 : 8 + n])
+    buf = memoryview(bytearray(data))[8 + n :]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        flat = torch.frombuffer(buf[start:end], dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(info["shape"])
+    return header.get("__metadata__", {}), tensors
 
 
 class _Done:
