@@ -4,7 +4,12 @@ Our analogue of DeepSeek's DSec for one machine: `SandboxPool` keeps warm contai
 borrows one per call and resets it, `session` holds one for a multi-turn agent episode and logs
 every call to a trajectory file that a restarted worker can replay. `sandbox.actor` serves a pool
 over Ray so rollout workers on any node share it; more machines means more pools behind the same
-actor API. `sandbox.toolcall` parses and formats the agent's XML tool calls.
+actor API (`sandbox.actor`). `sandbox.toolcall` parses and formats the agent's XML tool calls;
+`sandbox.episode` plays one agent episode from a task YAML.
+
+Speed comes from a small exec server that is each container's PID 1 (`sandbox/server.py`): the
+host sends JSON lines over the container's attached stdin, so no `docker exec` per command, and
+Python code runs in a forked copy of the server instead of a fresh interpreter.
 
 Covered (each has an adversarial test in tests/sandbox/test_faults.py):
 - no network: `--network none`, only a loopback interface;
@@ -32,6 +37,9 @@ Not covered (honest shortcuts):
   but a process that escapes its group with setsid survives until the session is released;
 - CPU time is limited only by the quota and the wall-clock timeout, disk I/O is not throttled,
   and the daemon's own cgroup v1 accounting is trusted for `oom_killed`;
+- `run(code)` runs in a fork of the server's interpreter, like `python3 -c` but with the
+  server's few stdlib modules already imported; use `cmd=["python3", ...]` for a pristine one;
+- the tool-call format reserves one string: a parameter body cannot contain `</parameter>`;
 - resume-by-replay needs the session's container to still be alive (its lease outlives the
   worker); if the container is gone the episode must restart. A call that was in flight when
   the worker died has no logged result and runs again.

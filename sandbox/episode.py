@@ -168,7 +168,7 @@ def execute(session: Session, call: toolcall.ToolCall, timeout: float) -> str:
 def run_episode(
     task: Task,
     policy: Policy,
-    pool: SandboxPool,
+    pool: SandboxPool,  # or a sandbox.actor.RemotePool: anything whose session() has exec/python/write_file/read_file
     transcript: str | Path | None = None,
     trajectory: str | Path | None = None,
 ) -> dict:

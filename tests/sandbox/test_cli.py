@@ -11,7 +11,7 @@ import pytest
 TASKS = Path(__file__).resolve().parents[2] / "sandbox" / "tasks"
 
 
-def sandbox(*args, stdin=None, env=None):
+def sandbox(*args, stdin="", env=None):
     return subprocess.run([sys.executable, "-m", "sandbox", *args], input=stdin, capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})})
 
