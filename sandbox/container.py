@@ -236,16 +236,22 @@ class Box:
         )
 
     def write_file(self, path: str, data: str | bytes) -> None:
-        rep = self.request({"op": "write", "path": path, "data": _b64(data)}, timeout=30)
+        rep = self._request_or_raise({"op": "write", "path": path, "data": _b64(data)}, f"write_file {path}")
         if not rep.get("ok"):
             raise SandboxError(f"write_file {path}: {rep.get('error')}")
 
     def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
         cap = self.limits.max_output_bytes if max_bytes is None else max_bytes
-        rep = self.request({"op": "read", "path": path, "max_bytes": cap}, timeout=30)
+        rep = self._request_or_raise({"op": "read", "path": path, "max_bytes": cap}, f"read_file {path}")
         if not rep.get("ok"):
             raise SandboxError(f"read_file {path}: {rep.get('error')}")
         return base64.b64decode(rep["data"])
+
+    def _request_or_raise(self, req: dict, what: str) -> dict:
+        try:
+            return self.request(req, timeout=30)
+        except (OSError, TimeoutError, ConnectionError, ValueError) as e:
+            raise SandboxError(f"{what}: sandbox failed: {e}") from None
 
     def reset(self) -> bool:
         """Kill every process but the server and wipe /work and /tmp; False if that failed."""

@@ -350,7 +350,9 @@ class SandboxPool:
         while not self._stop.wait(1.0):
             now = time.monotonic()
             with self._lock:
-                expired = [sid for sid, lease in self._sessions.items() if lease.expires < now]
+                # A lease whose lock is held is mid-call: a long exec is not idleness.
+                expired = [sid for sid, lease in self._sessions.items()
+                           if lease.expires < now and not lease.lock.locked()]
             for sid in expired:
                 with self._lock:
                     lease = self._sessions.pop(sid, None)

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from sandbox import SandboxPool
+from sandbox import SandboxError, SandboxPool
 
 
 def test_run_returns_output_and_exit_code(pool):
@@ -100,4 +100,40 @@ def test_starts_are_capped_and_all_complete(pool):
     with SandboxPool(size=4, limits=pool.limits, max_starting=2) as p:
         assert len(p.containers()) == 4 and p.stats["started"] == 4
         assert all(r.stdout == "1\n" for r in [p.run("print(1)") for _ in range(4)])
+    assert p.containers() == []
+
+
+def test_a_session_lease_lives_as_long_as_the_episode_keeps_calling(pool):
+    with pool.session(ttl_s=1.0) as s:
+        assert s.exec("sleep 2.5").exit_code == 0  # one call longer than the lease
+        for _ in range(4):
+            time.sleep(0.5)
+            assert s.exec("true").exit_code == 0  # each call renews it
+        assert s.exec("echo alive").stdout == "alive\n"
+
+
+def test_many_episodes_at_once_with_a_killed_container_all_finish_without_leaks(pool):
+    with SandboxPool(size=3, limits=pool.limits, max_starting=2) as p:
+        results, errors = [], []
+
+        def episode(i):
+            try:
+                with p.session() as s:
+                    s.write_file("i.txt", str(i))
+                    results.append(s.exec("sleep 0.2; cat i.txt").stdout)
+            except SandboxError as e:  # the killed container failed a write_file
+                errors.append(e)
+
+        threads = [threading.Thread(target=episode, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        subprocess.run(["docker", "kill", p.containers()[0]], capture_output=True)
+        for t in threads:
+            t.join(timeout=60)
+        assert len(results) + len(errors) == 12  # every episode finished, none hung
+        lost = len(errors) + sum(r == "" for r in results)
+        assert lost <= 1  # only the episode on the killed container lost its output
+        assert {r for r in results if r} <= {str(i) for i in range(12)} and len(set(results)) >= 11 - lost
+        assert p.wait_settled() and len(p.containers()) <= 3
     assert p.containers() == []
