@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     pooled(r)
     r.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("shell", help="interactive multi-turn session (one bash command per line)")
+    s = sub.add_parser("shell", help="interactive session: each line runs in a fresh bash in /work; files persist, cwd and variables do not")
     s.add_argument("--trajectory", help="append every call to this JSONL log")
     pooled(s)
     s.set_defaults(fn=cmd_shell)
