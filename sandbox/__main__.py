@@ -20,6 +20,7 @@ from sandbox.container import Limits, SandboxError, docker_client
 from sandbox.image import DEFAULT_IMAGE, build_image
 
 log = logging.getLogger("sandbox")
+CWD_FILE = "/tmp/.sandbox-shell-cwd"
 
 
 def _pool(args, size: int = 1):
@@ -69,7 +70,8 @@ def cmd_shell(args) -> int:
                 break
             if not line.strip():
                 continue
-            r = s.exec(line)
+            # Each line is a fresh bash; carry the working directory over like a real shell would.
+            r = s.exec(f"trap 'pwd > {CWD_FILE}' EXIT; cd \"$(cat {CWD_FILE} 2>/dev/null || echo /work)\"\n{line}")
             sys.stdout.write(r.stdout)
             sys.stderr.write(r.stderr)
             sys.stdout.flush()
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     pooled(r)
     r.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("shell", help="interactive session: each line runs in a fresh bash in /work; files persist, cwd and variables do not")
+    s = sub.add_parser("shell", help="interactive session, one bash command per line; files and the working directory persist")
     s.add_argument("--trajectory", help="append every call to this JSONL log")
     pooled(s)
     s.set_defaults(fn=cmd_shell)

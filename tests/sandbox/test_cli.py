@@ -30,8 +30,8 @@ def test_a_timeout_exits_124_with_a_message():
 
 
 def test_shell_keeps_state_across_lines():
-    r = sandbox("shell", stdin="cd /work && echo hi > a.txt\ncat a.txt\nexit\n")
-    assert r.returncode == 0 and r.stdout == "hi\n"
+    r = sandbox("shell", stdin="mkdir d && cd d && echo hi > a.txt\ncat a.txt\npwd\nfalse\n")
+    assert r.returncode == 1 and r.stdout == "hi\n/work/d\n"  # exit status of the last line
 
 
 @pytest.mark.parametrize("args, env, message", [

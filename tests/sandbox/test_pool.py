@@ -7,6 +7,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from sandbox import SandboxError, SandboxPool
 
 
@@ -137,3 +139,8 @@ def test_many_episodes_at_once_with_a_killed_container_all_finish_without_leaks(
         assert {r for r in results if r} <= {str(i) for i in range(12)} and len(set(results)) >= 11 - lost
         assert p.wait_settled() and len(p.containers()) <= 3
     assert p.containers() == []
+
+
+def test_a_missing_image_is_a_clear_error():
+    with pytest.raises(SandboxError, match="python -m sandbox build-image"):
+        SandboxPool(size=1, image="opd-no-such-image:latest")
