@@ -6,7 +6,9 @@ Every source yields the same sample dict, which rewards, SFT, GRPO and distillat
      "completion": SFT target text or None, "meta": {...}}
 
 Sources: `reasoning_gym` (procedurally generated tasks shipped in that PyPI package), `jsonl`
-(one sample per line; `prompt` may stand in for `messages`), `hf` (a local `datasets` dataset).
+(one sample per line; `prompt` may stand in for `messages`), `hf` (a local `datasets` dataset),
+`generator` (any `module:function(n, seed, **task_args)` returning sample dicts, e.g.
+`rewards.if_data:if_samples` for instruction following).
 The held-out split is taken after removing duplicate prompts, so no held-out prompt is trained on.
 """
 
@@ -29,11 +31,14 @@ class DataConfig(StageConfig):
     """Where a domain's samples come from, and how many are held out for evaluation."""
 
     domain: str = Field("math", description="Domain name; routes samples to rewards and teachers.")
-    source: Literal["reasoning_gym", "jsonl", "hf"] = Field(
-        "reasoning_gym", description="reasoning_gym: generate `size` tasks; jsonl: read `path`; hf: load `path`."
+    source: Literal["reasoning_gym", "jsonl", "hf", "generator"] = Field(
+        "reasoning_gym",
+        description="reasoning_gym: generate `size` tasks; jsonl: read `path`; hf: load `path`; generator: call `task`.",
     )
-    task: str = Field("basic_arithmetic", description="reasoning-gym dataset name (source: reasoning_gym).")
-    task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the reasoning-gym task.")
+    task: str = Field(
+        "basic_arithmetic", description="reasoning-gym dataset name, or `module:function` for source: generator."
+    )
+    task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task or generator.")
     path: PathRef | None = Field(None, description="JSONL file (source: jsonl) or saved `datasets` dir (source: hf).")
     hf_split: str = Field("train", description="Split to read from an hf dataset.")
     size: int = Field(2000, ge=1, description="Samples to generate (reasoning_gym) or to keep at most.")
@@ -46,6 +51,8 @@ class DataConfig(StageConfig):
     def _needs_path(self):
         if self.source in ("jsonl", "hf") and not self.path:
             raise ValueError(f"source {self.source!r} needs `path`")
+        if self.source == "generator":
+            _generator(self.task)  # fails at load time, naming the function, not mid-run
         return self
 
 
@@ -74,6 +81,9 @@ def sample_texts(samples: list[dict]) -> list[str]:
 def _read(cfg: DataConfig) -> list[dict]:
     if cfg.source == "reasoning_gym":
         return _reasoning_gym(cfg)
+    if cfg.source == "generator":
+        rows = _generator(cfg.task)(n=cfg.size, seed=cfg.seed, **cfg.task_args)
+        return [_normalise(r, cfg, where=cfg.task) for r in rows]
     if cfg.source == "jsonl":
         rows = []
         with open(cfg.path) as f:
@@ -92,6 +102,17 @@ def _read(cfg: DataConfig) -> list[dict]:
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[cfg.hf_split]
     return [_normalise(dict(r), cfg, where=f"{cfg.path}[{i}]") for i, r in enumerate(ds.select(range(min(cfg.size, len(ds)))))]
+
+
+def _generator(spec: str):
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"task {spec!r}: expected an importable `module:function`") from None
+    return fn
 
 
 def _reasoning_gym(cfg: DataConfig) -> list[dict]:

@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 class Config(StageConfig):
     models: list[ModelRef] = Field(description="Checkpoints to compare: stage names or local HF checkpoint dirs.")
     data: list[DataConfig] = Field(default_factory=lambda: [DataConfig()], description="Domains to score, held-out split of each.")
-    metric: Literal["exact_match", "math"] = Field(
-        "exact_match", description="exact_match: the final answer is the gold string; math: equal by math-verify."
+    metric: Literal["auto", "exact_match", "math", "instruction", "code"] = Field(
+        "auto",
+        description="exact_match: the final answer is the gold string; math: equal by math-verify; instruction, "
+        "code: that reward's score; auto: the reward named like the domain, else exact_match.",
     )
     limit: int | None = Field(None, ge=1, description="Score at most this many held-out samples per domain.")
     max_new_tokens: int = Field(48, ge=1, description="Generation budget per sample.")
@@ -31,13 +33,21 @@ class Config(StageConfig):
     threads: int = Field(0, ge=0, description="CPU threads per evaluation task (0: all cores).")
 
 
-def is_correct(metric: str, completion: str, answer: str) -> bool:
-    """The reward's own checker decides, so evaluation and GRPO agree on what is right."""
-    from rewards.math_answer import extract_answer, math_correct
+def metric_for(metric: str, domain: str) -> str:
+    if metric != "auto":
+        return metric
+    return domain if domain in ("math", "instruction", "code") else "exact_match"
 
-    if metric == "math":
-        return math_correct(completion, answer)
-    return (extract_answer(completion) or "").strip() == answer.strip()
+
+def score_completions(metric: str, samples: list[dict], completions: list[str]) -> list[float]:
+    """Per-sample scores from the rewards' own checkers, so evaluation and GRPO agree on what is right."""
+    from rewards import make_reward
+    from rewards.math_answer import extract_answer
+
+    if metric == "exact_match":
+        return [float((extract_answer(c) or "").strip() == s["answer"].strip()) for s, c in zip(samples, completions)]
+    reward = make_reward(metric)
+    return [r.score for r in reward([{**s, "completion": c} for s, c in zip(samples, completions)])]
 
 
 def score_model(model_path: str, samples: list[dict], cfg: Config) -> dict:
@@ -46,7 +56,7 @@ def score_model(model_path: str, samples: list[dict], cfg: Config) -> dict:
     tok, model = load_tokenizer(model_path), load_model(model_path).to(pick_device())
     gens = generate(model, tok, [s["messages"] for s in samples], cfg.max_new_tokens,
                     batch_size=cfg.batch_size, enable_thinking=cfg.enable_thinking)
-    hits = [is_correct(cfg.metric, g.text, s["answer"]) for g, s in zip(gens, samples)]
+    hits = score_completions(metric_for(cfg.metric, samples[0]["domain"]), samples, [g.text for g in gens])
     examples = [{"prompt": s["messages"][-1]["content"], "answer": s["answer"], "completion": g.text}
                 for g, s in list(zip(gens, samples))[:3]]
     return {"score": sum(hits) / len(hits), "n": len(hits), "examples": examples}
@@ -60,11 +70,13 @@ def run(cfg: Config, ctx: StageContext) -> None:
         futures = {ref: score.remote(str(ctx.model_path(ref)), samples, cfg) for ref in cfg.models}
         results[data.domain] = {ref: ray.get(f) for ref, f in futures.items()}
         for ref, r in results[data.domain].items():
-            log.info("%s %s on %s: %.3f (n=%d)", cfg.metric, ref, data.domain, r["score"], r["n"])
+            log.info("%s %s on %s: %.3f (n=%d)", metric_for(cfg.metric, data.domain), ref, data.domain, r["score"], r["n"])
     table = {dom: {ref: r["score"] for ref, r in by_model.items()} for dom, by_model in results.items()}
-    atomic_write_json(ctx.out_dir / "eval.json", {"metric": cfg.metric, "scores": table, "details": results})
-    ctx.log_metrics(0, {f"{cfg.metric}/{dom}/{ref}": s for dom, row in table.items() for ref, s in row.items()})
-    log.info("%s\n%s", ctx.name, format_table(cfg.metric, table))
+    metrics = {d.domain: metric_for(cfg.metric, d.domain) for d in cfg.data}
+    atomic_write_json(ctx.out_dir / "eval.json", {"metric": metrics, "scores": table, "details": results})
+    ctx.log_metrics(0, {f"score/{dom}/{ref}": s for dom, row in table.items() for ref, s in row.items()})
+    log.info("%s: mean score per domain (%s)\n%s", ctx.name, ", ".join(f"{d}: {m}" for d, m in metrics.items()),
+             format_table("domain", table))
 
 
 def format_table(metric: str, table: dict[str, dict[str, float]]) -> str:

@@ -14,7 +14,7 @@ from typing import Literal
 import ray
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from experts.data import DataConfig, load_samples
@@ -38,7 +38,10 @@ IGNORE = -100
 
 class Config(StageConfig):
     model: ModelRef = Field(description="Starting checkpoint: a stage name or a local HF checkpoint dir.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Training samples (their `completion` is the target).")
+    data: list[DataConfig] = Field(
+        default_factory=lambda: [DataConfig()],
+        description="Training samples (their `completion` is the target); one source or a list to mix domains.",
+    )
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Sequences (or packed rows) per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -54,6 +57,12 @@ class Config(StageConfig):
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     threads: int = Field(0, ge=0, description="CPU threads for the learner (0: all cores).")
     num_cpus: float = Field(1, gt=0, description="CPUs the learner actor reserves in Ray.")
+
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, dict) else v
 
 
 def encode_sft(tokenizer, sample: dict, max_len: int) -> tuple[list[int], list[int]]:
@@ -165,7 +174,8 @@ class SFTLearner:
 def run(cfg: Config, ctx: StageContext) -> None:
     model_path = ctx.model_path(cfg.model)
     tok = load_tokenizer(model_path)
-    rows = build_rows(tok, load_samples(cfg.data, "train"), cfg.max_len, cfg.packing)
+    samples = [s for d in cfg.data for s in load_samples(d, "train")]
+    rows = build_rows(tok, samples, cfg.max_len, cfg.packing)
     plan = batch_plan(len(rows), cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
     resume = latest_checkpoint(ctx.checkpoint_dir)
     learner = ray.remote(num_cpus=cfg.num_cpus)(SFTLearner).remote(str(model_path), cfg, str(resume) if resume else None)
