@@ -66,3 +66,57 @@ def generate(
                 new = [t for t in new if t != tokenizer.pad_token_id]
             out.append(Generation(e, new, tokenizer.decode(new, skip_special_tokens=True), finished))
     return out
+
+
+@dataclass
+class TokenCompletion:
+    """One completion of a token prompt, as the GRPO rollout needs it."""
+
+    ids: list[int]  # new tokens, up to and including the stop token when one was produced
+    logprobs: list[float]  # log pi(token) under softmax(logits / temperature), one per id
+    stopped: bool  # False when cut off by max_new_tokens
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+) -> list[TokenCompletion]:
+    """Sample a completion for each token prompt and return each token's log-prob.
+
+    Log-probs come from the raw logits divided by `temperature` (1.0 when greedy), before top-p,
+    which is what a learner computes for the same tokens; their gap to the learner's is a metric.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[TokenCompletion] = []
+    t = temperature if temperature > 0 else 1.0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, e in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[j, width - len(e) :] = torch.tensor(e)
+            mask[j, width - len(e) :] = 1
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        res = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_ids), pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True,
+            top_k=0, **sampling,  # no top-k: sample from the policy itself
+        )
+        new = res.sequences[:, width:]
+        logp = torch.stack(res.logits, 1).float().div(t).log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        stops = set(stop_ids)
+        for j in range(len(chunk)):
+            row = new[j].tolist()
+            end = next((k + 1 for k, tok in enumerate(row) if tok in stops), None)
+            n = end if end is not None else len(row)
+            out.append(TokenCompletion(row[:n], logp[j, :n].tolist(), end is not None))
+    return out

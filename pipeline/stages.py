@@ -8,6 +8,7 @@ from types import ModuleType
 STAGES: dict[str, str] = {
     "base_model": "experts.base_model",
     "sft": "experts.sft",
+    "grpo": "experts.grpo",
     "eval": "experts.eval",
     "opd": "distill.opd",
     "reward_model": "rewards.reward_model",
