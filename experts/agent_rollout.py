@@ -156,8 +156,10 @@ def run_episodes(backend, tokenizer, samples: list[dict], first_group: int, cfg,
                         ep.messages.append(toolcall.tool_message(obs))
                         tool_ids = tool_turn_ids(tokenizer, obs, think)
                         ep.add(tool_ids, [0] * len(tool_ids), [0.0] * len(tool_ids))
-                        if ep.turns >= min(agent.max_turns, ep.task.max_turns) or len(ep.ids) >= agent.max_total_tokens:
+                        if len(ep.ids) >= agent.max_total_tokens:  # out of tokens: cut, like an overlong response
                             ep.done, ep.finished = True, False
+                        elif ep.turns >= min(agent.max_turns, ep.task.max_turns):  # out of turns: the check still decides
+                            ep.done = True
             finally:
                 list(threads.map(_close, batch))
     out = []

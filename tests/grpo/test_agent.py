@@ -1,0 +1,126 @@
+"""Agent rollouts run multi-turn episodes in real sandbox sessions; the task's check decides the reward."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from experts.agent_rollout import AgentConfig, run_episodes
+from experts.data import DataConfig, load_samples, sample_texts
+from experts.generate import TokenCompletion
+from experts.grpo import Config, run
+from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
+from experts.rollout import RolloutConfig
+from experts.sft import Config as SFTConfig
+from experts.sft import SFTLearner, batch_plan, build_rows, collate
+from experts.tasks import agent_samples, write_jsonl
+from pipeline.context import StageContext
+from rewards import RewardSpec
+from sandbox import toolcall
+from tests.conftest import TINY
+
+
+def _docker_ok() -> bool:
+    try:
+        from sandbox.image import DEFAULT_IMAGE
+
+        return subprocess.run(["docker", "image", "inspect", DEFAULT_IMAGE], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _docker_ok(), reason="needs Docker and the sandbox image (python -m sandbox build-image)")
+
+SYSTEM = "Use tools."
+
+
+class ScriptedBackend:
+    """Replays assistant turns by how many tool results the context already holds."""
+
+    def __init__(self, tokenizer, turns: list[str]):
+        self.tok, self.turns = tokenizer, turns
+        self.result_id = tokenizer.convert_tokens_to_ids(toolcall.RESULT_OPEN)
+        self.contexts: list[list[int]] = []
+
+    def complete(self, prompts, max_new_tokens, stop_ids, temperature, top_p):
+        out = []
+        for p in prompts:
+            self.contexts.append(p)
+            text = self.turns[min(p.count(self.result_id), len(self.turns) - 1)]
+            ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            out.append(TokenCompletion(ids, [-0.5] * len(ids), True))
+        return out
+
+
+@pytest.fixture(scope="module")
+def agent_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("agent")
+    data = DataConfig(domain="agent", source="jsonl", heldout=8,
+                      path=str(write_jsonl(root / "agent.jsonl", agent_samples(200, system=SYSTEM))))
+    tok = train_tokenizer(sample_texts(load_samples(data, "all")), vocab_size=400)
+    save_checkpoint(build_tiny_model(tok, **TINY), tok, root / "base")
+    return data, tok, root
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from sandbox import SandboxPool
+
+    with SandboxPool(size=2) as p:
+        yield p
+
+
+def test_scripted_episode_in_a_real_sandbox_masks_tool_results(agent_data, pool):
+    data, tok, _ = agent_data
+    sample = next(s for s in load_samples(data) if "Count the lines" in s["messages"][-1]["content"])
+    turns = ["<think>\nI count with wc.\n</think>\n" + toolcall.format_call("bash", command="wc -l < data.txt > answer.txt"),
+             "<think>\nDone.\n</think>\nanswer.txt holds the count."]
+    backend = ScriptedBackend(tok, turns)
+    cfg = RolloutConfig(group_size=2, max_new_tokens=64, reasoning="think_high", think_budget=64)
+    rollouts = run_episodes(backend, tok, [sample], 0, cfg, AgentConfig(max_turns=3), pool)
+    assert len(rollouts) == 2
+    r = rollouts[0]
+    assert r.episode["reward"] == 1.0 and r.episode["check"]["ok"] and r.turns == 2 and r.finished
+    # Tool-result tokens (and the markup around them) are masked; everything the model wrote is not.
+    masked = tok.decode([t for t, m in zip(r.response_ids, r.loss_mask) if m == 0])
+    trained = tok.decode([t for t, m in zip(r.response_ids, r.loss_mask) if m == 1])
+    assert "<|tool_result|>" in masked and "<|im_start|>tool" in masked
+    assert "<|tool_result|>" not in trained and "I count with wc." in trained and "answer.txt holds" in trained
+    assert all(lp == 0.0 for lp, m in zip(r.logprobs, r.loss_mask) if m == 0)
+    # Reasoning is kept across turns: the second turn's context holds the first turn's think block.
+    assert "I count with wc." in tok.decode(backend.contexts[-1])
+    # And the rewards see the episode the way rewards.agent expects.
+    assert r.reward_sample()["meta"]["episode"]["reward"] == 1.0
+
+
+def test_a_failed_check_scores_zero(agent_data, pool):
+    data, tok, _ = agent_data
+    sample = next(s for s in load_samples(data) if "Write" in s["messages"][-1]["content"])
+    backend = ScriptedBackend(tok, ["I give up."])
+    rollouts = run_episodes(backend, tok, [sample], 0, RolloutConfig(group_size=2, reasoning="non_think"), AgentConfig(), pool)
+    assert [r.episode["reward"] for r in rollouts] == [0.0, 0.0] and all(r.turns == 1 for r in rollouts)
+
+
+def test_agent_expert_trains_on_check_scripts(agent_data, ray_session, tmp_path):
+    """SFT on scripted first turns, then a short GRPO run whose rewards come from check scripts."""
+    data, tok, root = agent_data
+    torch.manual_seed(0)
+    sft_cfg = SFTConfig(model=str(root / "base"), steps=120, batch_size=16, lr=3e-3, warmup_steps=5)
+    learner = SFTLearner(str(root / "base"), sft_cfg)
+    rows = build_rows(tok, load_samples(data), 256, packing=False)
+    for idx in batch_plan(len(rows), 16, sft_cfg.steps, seed=0):
+        learner.train_step([collate([rows[i] for i in idx], tok.pad_token_id)])
+    learner.save_final(str(root / "sft"))
+
+    cfg = Config(model=str(root / "sft"), data=data, steps=2, prompts_per_step=2, lr=1e-4, kl_coef=0.01,
+                 rewards=RewardSpec(weights={"agent": 1.0, "format": 0.1}), reward_workers=0,
+                 rollout=RolloutConfig(group_size=4, max_new_tokens=48, reasoning="non_think"),
+                 agent=AgentConfig(max_turns=2, max_total_tokens=160, sandboxes=4))
+    run(cfg, StageContext("test", "grpo_agent", tmp_path, seed=0))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    print("agent GRPO:", [{k: round(m.get(k, float("nan")), 3) for k in ("reward/agent", "reward/format", "agent/turns_mean", "kl")} for m in lines])
+    assert len(lines) == 2 and all("reward/agent" in m and m["agent/turns_mean"] >= 1 for m in lines)
+    assert (tmp_path / "model" / "config.json").exists()
