@@ -31,7 +31,6 @@ from experts.models import build_tiny_model, load_model, load_tokenizer, save_ch
 from experts.rollout import RolloutConfig, RolloutWorker  # noqa: E402
 from experts.sft import Config as SFTConfig  # noqa: E402
 from experts.sft import SFTLearner, batch_plan, build_rows, collate  # noqa: E402
-from experts.tasks import echo_samples, write_jsonl  # noqa: E402
 from rewards import CombinedReward, RewardSpec  # noqa: E402
 from rewards.math_answer import math_correct  # noqa: E402
 
@@ -120,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = DataConfig(domain="math", source="jsonl", path=str(write_jsonl(root / "echo.jsonl", echo_samples(600))), heldout=64)
+        data = DataConfig(domain="math", source="generator", task="experts.tasks:echo_samples", size=600, heldout=64)
         sft = make_sft(root, data, a.sft_steps)
         train = load_samples(data)
         prompts = [[train[i] for i in idx] for idx in batch_plan(len(train), a.prompts, a.steps, seed=0)]

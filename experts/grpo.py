@@ -70,7 +70,7 @@ class Config(StageConfig):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
-    mini_batches: int = Field(2, ge=1, description="Optimizer updates per pass; past the first, the ratio departs from 1 and clipping acts.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer updates per pass; past the first, the ratio departs from 1 and clipping acts.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (gradient accumulation inside a mini-batch).")
     clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio floor 1 - clip_low for negative advantages (PPO's epsilon).")
     clip_high: float = Field(0.28, ge=0, description="Ratio ceiling 1 + clip_high for positive advantages (DAPO clip-higher: above clip_low).")

@@ -1,6 +1,6 @@
-"""Seeded task generators for the experts' domains, written as JSONL that `source: jsonl` reads.
+"""Seeded task generators for the experts' domains; a workflow reads them with `source: generator`:
 
-    python -m experts.tasks data/experts      # writes echo, code, agent and instruction JSONL
+    data: {domain: code, source: generator, task: "experts.tasks:code_samples", size: 600, heldout: 50}
 
 Each function returns sample dicts in `experts.data`'s shape, with an SFT `completion` that passes
 its domain's reward. math uses reasoning-gym directly (`source: reasoning_gym`), so it is not here.
@@ -15,10 +15,7 @@ its domain's reward. math uses reasoning-gym directly (`source: reasoning_gym`),
 
 from __future__ import annotations
 
-import json
 import random
-import sys
-from pathlib import Path
 
 NO_THINK = "<think>\n</think>\n"
 
@@ -107,26 +104,3 @@ def instruction_samples(n: int, seed: int = 0) -> list[dict]:
     from rewards.if_data import if_samples
 
     return if_samples(n, seed=seed)
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def write_all(out_dir: str | Path, n: int = 600, seed: int = 0) -> list[Path]:
-    """The JSONL files `workflows/experts.yaml` reads."""
-    out_dir = Path(out_dir)
-    return [
-        write_jsonl(out_dir / "echo.jsonl", echo_samples(n, seed=seed)),
-        write_jsonl(out_dir / "code.jsonl", code_samples(n, seed=seed)),
-        write_jsonl(out_dir / "agent.jsonl", agent_samples(n // 2, seed=seed)),
-        write_jsonl(out_dir / "instruction.jsonl", instruction_samples(n, seed=seed)),
-    ]
-
-
-if __name__ == "__main__":
-    for p in write_all(sys.argv[1] if len(sys.argv) > 1 else "data/experts"):
-        print(p)

@@ -16,7 +16,6 @@ from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
 from experts.rollout import RolloutConfig
 from experts.sft import Config as SFTConfig
 from experts.sft import SFTLearner, batch_plan, build_rows, collate
-from experts.tasks import agent_samples, write_jsonl
 from pipeline.context import StageContext
 from rewards import RewardSpec
 from sandbox import toolcall
@@ -58,8 +57,8 @@ class ScriptedBackend:
 @pytest.fixture(scope="module")
 def agent_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("agent")
-    data = DataConfig(domain="agent", source="jsonl", heldout=8,
-                      path=str(write_jsonl(root / "agent.jsonl", agent_samples(200, system=SYSTEM))))
+    data = DataConfig(domain="agent", source="generator", task="experts.tasks:agent_samples", size=200, heldout=8,
+                      task_args={"system": SYSTEM})
     tok = train_tokenizer(sample_texts(load_samples(data, "all")), vocab_size=400)
     save_checkpoint(build_tiny_model(tok, **TINY), tok, root / "base")
     return data, tok, root

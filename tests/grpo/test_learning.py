@@ -14,7 +14,7 @@ from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
 from experts.rollout import RolloutConfig, RolloutWorker
 from experts.sft import Config as SFTConfig
 from experts.sft import SFTLearner, batch_plan, build_rows, collate
-from experts.tasks import echo_samples, write_jsonl
+
 from pipeline.context import StageContext
 from rewards import CombinedReward, RewardSpec
 from tests.conftest import TINY
@@ -24,7 +24,7 @@ from tests.conftest import TINY
 def echo(tmp_path_factory):
     """Copy-the-digits data, a tiny base on its tokenizer, and an SFT model that is right ~half the time."""
     root = tmp_path_factory.mktemp("echo")
-    data = DataConfig(domain="math", source="jsonl", path=str(write_jsonl(root / "echo.jsonl", echo_samples(600))), heldout=64)
+    data = DataConfig(domain="math", source="generator", task="experts.tasks:echo_samples", size=600, heldout=64)
     tok = train_tokenizer(sample_texts(load_samples(data, "all")), vocab_size=300)
     save_checkpoint(build_tiny_model(tok, **TINY), tok, root / "base")
     torch.manual_seed(0)
