@@ -88,9 +88,10 @@ def agent_samples(n: int, seed: int = 0, system: str | None = None) -> list[dict
             call = toolcall.format_call("write_file", path="answer.txt", content=str(v))
         else:
             v = rng.randint(2, 9)
-            prompt = f"Count the lines of data.txt and write the count to answer.txt."
-            setup = {"commands": [f"seq {v} > data.txt"]}
-            call = toolcall.format_call("bash", command="wc -l < data.txt > answer.txt")
+            name = f"{rng.choice(['data', 'log', 'notes', 'items'])}{rng.randint(1, 99)}.txt"  # distinct prompts
+            prompt = f"Count the lines of {name} and write the count to answer.txt."
+            setup = {"commands": [f"seq {v} > {name}"]}
+            call = toolcall.format_call("bash", command=f"wc -l < {name} > answer.txt")
         task = {"name": f"agent-{seed}-{i}", "prompt": prompt, "setup": setup, "max_turns": 3, "timeout_s": 10.0,
                 "check": f'test "$(cat answer.txt)" = {v}'}
         out.append({"id": task["name"], "domain": "agent", "answer": None, "completion": NO_THINK + call,
