@@ -96,14 +96,8 @@ class HFPolicy:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
         self.max_new_tokens = max_new_tokens
-        # Our tool messages arrive already wrapped in <|tool_result|>…; a chat template that wraps
-        # tool content itself would double it, so for such templates we pass the bare text.
-        probe = self.tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
-        self.unwrap_tool_results = toolcall.RESULT_OPEN in probe
 
     def __call__(self, messages: list[dict]) -> str:
-        if self.unwrap_tool_results:
-            messages = [bare_tool_message(m) for m in messages]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
         if not isinstance(ids, self.torch.Tensor):  # some versions return a BatchEncoding
             ids = ids["input_ids"]
@@ -117,18 +111,6 @@ class HFPolicy:
         for tok in {self.tokenizer.eos_token, self.tokenizer.pad_token} - {None}:
             text = text.replace(tok, "")
         return text
-
-
-def bare_tool_message(m: dict) -> dict:
-    """A tool message without its <|tool_result|> markers, for chat templates that add their own.
-
-    >>> bare_tool_message({"role": "tool", "content": "<|tool_result|>ok<|/tool_result|>"})
-    {'role': 'tool', 'content': 'ok'}
-    """
-    c = m["content"]
-    if m["role"] == "tool" and c.startswith(toolcall.RESULT_OPEN) and c.endswith(toolcall.RESULT_CLOSE):
-        return {**m, "content": c[len(toolcall.RESULT_OPEN):-len(toolcall.RESULT_CLOSE)]}
-    return m
 
 
 def make_policy(spec: str, task: Task) -> Policy:

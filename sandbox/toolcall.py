@@ -60,7 +60,7 @@ def format_call(name: str, **args: str) -> str:
 
 
 def format_result(text: str) -> str:
-    """Wrap a tool's output for the `tool` role message.
+    """A tool's output between its special tokens, as our chat template renders a `tool` turn.
 
     >>> format_result("hi\\n")
     '<|tool_result|>hi\\n<|/tool_result|>'
@@ -71,10 +71,13 @@ def format_result(text: str) -> str:
 def tool_message(text: str) -> dict[str, str]:
     """The chat message that carries a tool result back to the model.
 
+    The content is the bare output: the chat template adds `<|tool_result|>` markers (ours) or
+    whatever its own model expects, so a transcript renders right under any template.
+
     >>> tool_message("ok")
-    {'role': 'tool', 'content': '<|tool_result|>ok<|/tool_result|>'}
+    {'role': 'tool', 'content': 'ok'}
     """
-    return {"role": "tool", "content": format_result(text)}
+    return {"role": "tool", "content": text}
 
 
 def parse(text: str, max_calls: int = 1) -> ParsedTurn:

@@ -62,7 +62,7 @@ def test_every_shipped_task_is_solved_by_its_scripted_policy(task, tmp_path):
     roles = [m["role"] for m in lines[:-1]]
     assert roles[:2] == ["system", "user"] and "tool" in roles
     tool_msgs = [m["content"] for m in lines if m.get("role") == "tool"]
-    assert all(c.startswith("<|tool_result|>") and c.endswith("<|/tool_result|>") for c in tool_msgs)
+    assert tool_msgs and not any("<|tool_result|>" in c for c in tool_msgs)  # bare: the template adds markers
 
 
 def test_ps_and_gc_run():

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
-from sandbox.episode import HFPolicy, bare_tool_message, load_task, run_episode
+from sandbox.episode import HFPolicy, load_task, run_episode
+from sandbox.toolcall import tool_message
 from sandbox.toolcall import format_call, tools_prompt
 
 TASKS = Path(__file__).resolve().parents[2] / "sandbox" / "tasks"
@@ -22,10 +23,10 @@ def test_a_checkpoint_policy_plays_an_episode_and_gets_scored(pool, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     task = load_task(TASKS / "create_file.yaml")
     policy = HFPolicy(ckpt, max_new_tokens=16)
-    # This checkpoint's template wraps tool content itself; the policy must not double the markers.
-    msgs = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "<|tool_result|>out<|/tool_result|>"}]
-    rendered = policy.tokenizer.apply_chat_template([bare_tool_message(m) for m in msgs], tokenize=False)
-    assert policy.unwrap_tool_results and rendered.count("<|tool_result|>") == 1
+    # Transcript tool messages are bare; our template adds the markers exactly once.
+    msgs = [{"role": "user", "content": "hi"}, tool_message("out")]
+    rendered = policy.tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert rendered.count("<|tool_result|>out<|/tool_result|>") == 1
     ep = run_episode(task, policy, pool, transcript=tmp_path / "t.jsonl")
     # Untrained: it will not solve the task, but every turn is generated, parsed and scored.
     assert ep["reward"] == 0.0 and ep["messages"][2]["role"] == "assistant"
