@@ -15,6 +15,18 @@ class Generation:
     finished: bool  # False when cut off by max_new_tokens
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [batch, longest], padded on the left so every prompt ends where
+    generation starts."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, e in enumerate(seqs):
+        ids[j, width - len(e) :] = torch.tensor(e)
+        mask[j, width - len(e) :] = 1
+    return ids, mask
+
+
 def render_prompt(tokenizer, messages: list[dict], enable_thinking: bool = True) -> list[int]:
     text = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False, enable_thinking=enable_thinking
@@ -42,12 +54,8 @@ def generate(
     out: list[Generation] = []
     for i in range(0, len(prompts), batch_size):
         encoded = [render_prompt(tokenizer, m, enable_thinking) for m in prompts[i : i + batch_size]]
-        width = max(map(len, encoded))
-        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
-            ids[j, width - len(e) :] = torch.tensor(e)
-            mask[j, width - len(e) :] = 1
+        ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+        width = ids.shape[1]
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         seqs = model.generate(
             input_ids=ids.to(device),
@@ -99,12 +107,8 @@ def generate_tokens(
     t = temperature if temperature > 0 else 1.0
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, e in enumerate(chunk):  # left padding: every prompt ends where generation starts
-            ids[j, width - len(e) :] = torch.tensor(e)
-            mask[j, width - len(e) :] = 1
+        ids, mask = left_pad(chunk, pad_id)
+        width = ids.shape[1]
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         res = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
