@@ -58,15 +58,17 @@ def submit_workflow(wf: Workflow, address: str, runs_dir: Path, only: str | None
         print(f"[{name}] {status}", file=out, flush=True)
 
 
-def submit_when_ready(client, timeout_s: float = 120.0, **job) -> str:
+def submit_when_ready(client, timeout_s: float = 300.0, **job) -> str:
     """Submit a job, waiting out a freshly started cluster whose job agent is not up yet."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return client.submit_job(**job)
         except RuntimeError as e:
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
-                raise
+            if "No available agent" not in str(e):
+                raise UserError(f"the Ray job server refused the job: {str(e).splitlines()[0]}") from None
+            if time.monotonic() > deadline:
+                raise UserError(f"the cluster's job agent was not ready within {timeout_s:.0f}s; is every node up?") from None
             log.info("the cluster's job agent is not ready yet; retrying")
             time.sleep(2.0)
 

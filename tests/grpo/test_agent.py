@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import subprocess
 
@@ -75,7 +77,8 @@ def pool():
 def test_scripted_episode_in_a_real_sandbox_masks_tool_results(agent_data, pool):
     data, tok, _ = agent_data
     sample = next(s for s in load_samples(data) if "Count the lines" in s["messages"][-1]["content"])
-    turns = ["<think>\nI count with wc.\n</think>\n" + toolcall.format_call("bash", command="wc -l < data.txt > answer.txt"),
+    name = re.search(r"lines of (\S+) and", sample["messages"][-1]["content"]).group(1)
+    turns = ["<think>\nI count with wc.\n</think>\n" + toolcall.format_call("bash", command=f"wc -l < {name} > answer.txt"),
              "<think>\nDone.\n</think>\nanswer.txt holds the count."]
     backend = ScriptedBackend(tok, turns)
     cfg = RolloutConfig(group_size=2, max_new_tokens=64, reasoning="think_high", think_budget=64)
