@@ -33,11 +33,15 @@ def two_node_cluster(tmp_path_factory):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    # Every node's dashboard agent gets its own port: the default (52365) is taken by any other
+    # Ray on this machine, e.g. the suite's embedded one, and then no agent accepts jobs.
     subprocess.run([*ray, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=1",
+                    f"--dashboard-agent-listen-port={free_port()}",
                     "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=180)
     try:
         subprocess.run([*ray, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
+                        f"--dashboard-agent-listen-port={free_port()}",
                         '--resources={"second_node": 1}', "--disable-usage-stats"],
                        check=True, env=env, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env
