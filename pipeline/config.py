@@ -75,17 +75,6 @@ class Workflow:
     seed: int
     stages: dict[str, Stage]  # in dependency order
 
-    def upstream(self, name: str) -> list[str]:
-        """`name` and everything it needs, transitively, in dependency order."""
-        want: set[str] = set()
-        todo = [name]
-        while todo:
-            n = todo.pop()
-            if n not in want:
-                want.add(n)
-                todo.extend(self.stages[n].needs)
-        return [n for n in self.stages if n in want]
-
 
 def load_workflow(path: str | Path) -> Workflow:
     """Read and validate a workflow file; raise `UserError` with a one-line message on any mistake."""

@@ -37,9 +37,6 @@ class StageContext:
             return self.stage_dirs[ref] / MODEL_DIR
         return Path(ref)
 
-    def stage_dir(self, ref: str) -> Path:
-        return self.stage_dirs[ref]
-
     @property
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoints"

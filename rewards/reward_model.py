@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
