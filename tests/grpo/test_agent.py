@@ -8,7 +8,6 @@ import json
 import subprocess
 
 import pytest
-import torch
 
 from experts.agent_rollout import AgentConfig, run_episodes
 from experts.data import DataConfig, load_samples, sample_texts
@@ -16,12 +15,10 @@ from experts.generate import TokenCompletion
 from experts.grpo import Config, run
 from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
 from experts.rollout import RolloutConfig
-from experts.sft import Config as SFTConfig
-from experts.sft import SFTLearner, batch_plan, build_rows, collate
 from pipeline.context import StageContext
 from rewards import RewardSpec
 from sandbox import toolcall
-from tests.conftest import TINY
+from tests.conftest import TINY, quick_sft
 
 
 def _docker_ok() -> bool:
@@ -109,13 +106,7 @@ def test_a_failed_check_scores_zero(agent_data, pool):
 def test_agent_expert_trains_on_check_scripts(agent_data, ray_session, tmp_path):
     """SFT on scripted first turns, then a short GRPO run whose rewards come from check scripts."""
     data, tok, root = agent_data
-    torch.manual_seed(0)
-    sft_cfg = SFTConfig(model=str(root / "base"), steps=120, batch_size=16, lr=3e-3, warmup_steps=5)
-    learner = SFTLearner(str(root / "base"), sft_cfg)
-    rows = build_rows(tok, load_samples(data), 256, packing=False)
-    for idx in batch_plan(len(rows), 16, sft_cfg.steps, seed=0):
-        learner.train_step([collate([rows[i] for i in idx], tok.pad_token_id)])
-    learner.save_final(str(root / "sft"))
+    quick_sft(root / "base", data, root / "sft", steps=120, max_len=256)
 
     cfg = Config(model=str(root / "sft"), data=data, steps=2, prompts_per_step=2, lr=1e-4, kl_coef=0.01,
                  rewards=RewardSpec(weights={"agent": 1.0, "format": 0.1}), reward_workers=0,

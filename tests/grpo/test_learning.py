@@ -6,18 +6,15 @@ import json
 import time
 
 import pytest
-import torch
 
 from experts.data import DataConfig, load_samples, sample_texts
 from experts.grpo import Config, GRPOLearner, collate_rollouts, run, sync_gap
 from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
 from experts.rollout import RolloutConfig, RolloutWorker
-from experts.sft import Config as SFTConfig
-from experts.sft import SFTLearner, batch_plan, build_rows, collate
 
 from pipeline.context import StageContext
 from rewards import CombinedReward, RewardSpec
-from tests.conftest import TINY
+from tests.conftest import TINY, quick_sft
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +24,7 @@ def echo(tmp_path_factory):
     data = DataConfig(domain="math", source="generator", task="experts.tasks:echo_samples", size=600, heldout=64)
     tok = train_tokenizer(sample_texts(load_samples(data, "all")), vocab_size=300)
     save_checkpoint(build_tiny_model(tok, **TINY), tok, root / "base")
-    torch.manual_seed(0)
-    sft_cfg = SFTConfig(model=str(root / "base"), steps=500, batch_size=16, lr=3e-3, warmup_steps=5)
-    learner = SFTLearner(str(root / "base"), sft_cfg)
-    rows = build_rows(tok, load_samples(data), 64, packing=False)
-    for idx in batch_plan(len(rows), 16, sft_cfg.steps, seed=0):
-        learner.train_step([collate([rows[i] for i in idx], tok.pad_token_id)])
-    learner.save_final(str(root / "sft"))
-    return data, root / "sft", root
+    return data, quick_sft(root / "base", data, root / "sft", steps=500, max_len=64), root
 
 
 def heldout_reward(model_path, data, rollout: RolloutConfig) -> float:
