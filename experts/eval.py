@@ -8,6 +8,7 @@ from typing import Literal
 import ray
 from pydantic import Field
 
+from experts.agent_rollout import AgentConfig
 from experts.data import DataConfig, load_samples
 from experts.generate import generate
 from experts.models import load_model, load_tokenizer
@@ -24,16 +25,20 @@ class Config(StageConfig):
     metric: Literal["auto", "exact_match", "math", "instruction", "code"] = Field(
         "auto",
         description="exact_match: the final answer is the gold string; math: equal by math-verify; instruction, "
-        "code: that reward's score; auto: the reward named like the domain, else exact_match.",
+        "code: that reward's score; auto: the reward named like the domain, else exact_match. Domain agent "
+        "is always scored by greedy episodes in the sandbox, 1 when the task's check passes.",
     )
     limit: int | None = Field(None, ge=1, description="Score at most this many held-out samples per domain.")
     max_new_tokens: int = Field(48, ge=1, description="Generation budget per sample.")
     batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
     enable_thinking: bool = Field(True, description="False pre-fills an empty think block (non-think mode).")
     threads: int = Field(0, ge=0, description="CPU threads per evaluation task (0: all cores).")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="Episode limits for domain agent (needs Docker).")
 
 
 def metric_for(metric: str, domain: str) -> str:
+    if domain == "agent":
+        return "agent"
     if metric != "auto":
         return metric
     return domain if domain in ("math", "instruction", "code") else "exact_match"
@@ -50,9 +55,28 @@ def score_completions(metric: str, samples: list[dict], completions: list[str]) 
     return [r.score for r in reward([{**s, "completion": c} for s, c in zip(samples, completions)])]
 
 
+def score_episodes(model_path: str, samples: list[dict], cfg: Config) -> dict:
+    """One greedy episode per agent task in a sandbox session; the task's check decides 0 or 1."""
+    from experts.rollout import RolloutConfig, RolloutWorker
+
+    rollout = RolloutConfig(max_new_tokens=cfg.max_new_tokens, threads=cfg.threads,
+                            reasoning="think_max" if cfg.enable_thinking else "non_think")
+    # One greedy episode per task: past the config's sampling bounds on purpose, so no validation.
+    worker = RolloutWorker(model_path, rollout.model_copy(update={"group_size": 1, "temperature": 0.0}), cfg.agent)
+    try:
+        episodes = [r.episode for r in worker.generate(samples)]
+    finally:
+        worker.close()
+    examples = [{"prompt": s["messages"][-1]["content"], "answer": s["answer"], "completion": e["messages"][len(s["messages"]):]}
+                for s, e in list(zip(samples, episodes))[:3]]
+    return {"score": sum(e["reward"] for e in episodes) / len(episodes), "n": len(episodes), "examples": examples}
+
+
 def score_model(model_path: str, samples: list[dict], cfg: Config) -> dict:
     """Generate greedily for `samples` and score each; returns the mean and a few examples."""
     set_threads(cfg.threads)
+    if samples[0]["domain"] == "agent":
+        return score_episodes(model_path, samples, cfg)
     tok, model = load_tokenizer(model_path), load_model(model_path).to(pick_device())
     gens = generate(model, tok, [s["messages"] for s in samples], cfg.max_new_tokens,
                     batch_size=cfg.batch_size, enable_thinking=cfg.enable_thinking)
@@ -76,14 +100,22 @@ def run(cfg: Config, ctx: StageContext) -> None:
     atomic_write_json(ctx.out_dir / "eval.json", {"metric": metrics, "scores": table, "details": results})
     ctx.log_metrics(0, {f"score/{dom}/{ref}": s for dom, row in table.items() for ref, s in row.items()})
     log.info("%s: mean score per domain (%s)\n%s", ctx.name, ", ".join(f"{d}: {m}" for d, m in metrics.items()),
-             format_table("domain", table))
+             format_table(table))
 
 
-def format_table(metric: str, table: dict[str, dict[str, float]]) -> str:
-    """Scores as a text table: one row per domain, one column per model."""
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    """Scores as a text table: one row per model, one column per domain.
+
+    >>> print(format_table({"math": {"base": 0.0, "sft": 0.5}, "code": {"base": 0.1, "sft": 0.25}}))
+    model   math   code
+    base   0.000  0.100
+    sft    0.500  0.250
+    """
+    domains = list(table)
     models = list(next(iter(table.values())))
-    width = max(8, *(len(m) for m in models))
-    lines = [f"{metric:<12}" + "".join(f"{m:>{width + 2}}" for m in models)]
-    for dom, row in table.items():
-        lines.append(f"{dom:<12}" + "".join(f"{row[m]:>{width + 2}.3f}" for m in models))
+    name = max(5, *(len(m) for m in models))
+    widths = [max(5, len(d)) for d in domains]
+    lines = [f"{'model':<{name}}" + "".join(f"  {d:>{w}}" for d, w in zip(domains, widths))]
+    for m in models:
+        lines.append(f"{m:<{name}}" + "".join(f"  {table[d][m]:>{w}.3f}" for d, w in zip(domains, widths)))
     return "\n".join(lines)

@@ -117,3 +117,15 @@ def test_agent_expert_trains_on_check_scripts(agent_data, ray_session, tmp_path)
     print("agent GRPO:", [{k: round(m.get(k, float("nan")), 3) for k in ("reward/agent", "reward/format", "agent/turns_mean", "kl")} for m in lines])
     assert len(lines) == 2 and all("reward/agent" in m and m["agent/turns_mean"] >= 1 for m in lines)
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_eval_scores_agent_tasks_by_greedy_episodes(agent_data):
+    from experts.eval import Config as EvalConfig, score_model
+
+    data, _, root = agent_data
+    samples = load_samples(data, "heldout")[:3]
+    cfg = EvalConfig(models=[str(root / "base")], data=[data], max_new_tokens=16, enable_thinking=False,
+                     agent=AgentConfig(max_turns=2, max_total_tokens=64, sandboxes=2))
+    result = score_model(str(root / "base"), samples, cfg)
+    assert result["n"] == 3 and 0.0 <= result["score"] <= 1.0
+    assert result["examples"][0]["completion"][0]["role"] == "assistant"  # the episode's turns, as messages
