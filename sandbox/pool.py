@@ -41,6 +41,10 @@ def reap_orphans(client, everything: bool = False) -> list[str]:
                 removed.append(c.name)
             except docker.errors.NotFound:
                 pass
+            except docker.errors.APIError as e:
+                if e.status_code != 409:
+                    raise
+                # 409: another pool starting at the same moment is already removing it
     if removed:
         log.info("removed %d leaked sandbox container(s): %s", len(removed), ", ".join(removed))
     return removed

@@ -98,6 +98,29 @@ def test_a_new_pool_reaps_containers_left_by_a_dead_pool(pool):
     assert subprocess.run(["docker", "ps", "-aq", *flt], capture_output=True, text=True).stdout.strip() == ""
 
 
+def test_pools_starting_together_both_reap_the_same_orphans_without_failing(pool):
+    script = "from sandbox import SandboxPool; import os; p = SandboxPool(size=4); print(p.pool_id, flush=True); os._exit(0)"
+    dead_id = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    flt = ["--filter", f"label=opd.sandbox.pool={dead_id}"]
+    errors, pools = [], []
+
+    def start():
+        try:
+            pools.append(SandboxPool(size=1, limits=pool.limits))
+        except Exception as e:  # e.g. docker's 409 "removal already in progress" from the other reaper
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in pools:
+        p.close()
+    assert errors == [] and len(pools) == 3
+    assert subprocess.run(["docker", "ps", "-aq", *flt], capture_output=True, text=True).stdout.strip() == ""
+
+
 def test_starts_are_capped_and_all_complete(pool):
     with SandboxPool(size=4, limits=pool.limits, max_starting=2) as p:
         assert len(p.containers()) == 4 and p.stats["started"] == 4
