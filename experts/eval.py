@@ -52,7 +52,11 @@ def score_completions(metric: str, samples: list[dict], completions: list[str]) 
     if metric == "exact_match":
         return [float((extract_answer(c) or "").strip() == s["answer"].strip()) for s, c in zip(samples, completions)]
     reward = make_reward(metric)
-    return [r.score for r in reward([{**s, "completion": c} for s, c in zip(samples, completions)])]
+    try:
+        return [r.score for r in reward([{**s, "completion": c} for s, c in zip(samples, completions)])]
+    finally:
+        if hasattr(reward, "close"):  # the code reward's sandbox pool: gone before this Ray worker is reused
+            reward.close()
 
 
 def score_episodes(model_path: str, samples: list[dict], cfg: Config) -> dict:
