@@ -17,7 +17,7 @@ def describe(wf: Workflow) -> str:
     lines = [f"{wf.path}: workflow {wf.name!r}, {len(wf.stages)} stages"]
     for name, st in wf.stages.items():
         needs = f"  <- {', '.join(st.needs)}" if st.needs else ""
-        lines.append(f"  {name:<{width}}  {st.kind:<{kinds}}{needs}")
+        lines.append(f"  {name:<{width}}  {st.kind:<{kinds}}{needs}".rstrip())
     return "\n".join(lines)
 
 
