@@ -1,0 +1,70 @@
+"""A GRPO stage killed with SIGKILL mid-run resumes from its last checkpoint and continues the step count."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.pipeline.test_run import DATA, REPO, pipeline, steps_logged
+
+WORKFLOW = f"""
+name: grpo_resume
+stages:
+  base:
+    kind: base_model
+    config:
+      tokenizer_data: [{DATA}]
+      vocab_size: 300
+      model: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}
+  sft:
+    kind: sft
+    needs: [base]
+    config: {{model: base, data: {DATA}, steps: 40, batch_size: 16, lr: 3.0e-3, save_every: 40}}
+  grpo:
+    kind: grpo
+    needs: [sft]
+    config:
+      model: sft
+      data: {DATA}
+      rewards: {{weights: {{math: 1.0}}}}
+      rollout: {{group_size: 4, max_new_tokens: 8}}
+      steps: 60
+      prompts_per_step: 4
+      lr: 1.0e-4
+      kl_coef: 0.01
+      save_every: 5
+"""
+
+
+def test_sigkilled_grpo_stage_resumes_and_continues_the_step_count(tmp_path):
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(WORKFLOW)
+    runs = tmp_path / "runs"
+    grpo = runs / "grpo_resume" / "grpo"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(wf), "--runs-dir", str(runs)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (grpo / "checkpoints" / "step_10" / "COMPLETE").exists():
+            assert proc.poll() is None and time.time() < deadline, "grpo never reached its second checkpoint"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray, the learner, rollout, reference and reward actors
+        proc.wait()
+    assert not (grpo / "DONE.json").exists()
+    ckpts = sorted(int(p.name.split("_")[1]) for p in (grpo / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    resumed_from = ckpts[-1]
+    assert 10 <= resumed_from < 60 and max(steps_logged(grpo)) >= resumed_from
+
+    r = pipeline("run", wf, "--runs-dir", runs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "base skipped, sft skipped, grpo ran" in r.stdout
+    assert f"resuming grpo from step_{resumed_from} (step {resumed_from} of 60)" in (grpo / "stage.log").read_text()
+    assert steps_logged(grpo) == list(range(1, 61))  # the step count continues, nothing logged twice
+    rows = [json.loads(line) for line in (grpo / "metrics.jsonl").read_text().splitlines()]
+    assert rows[resumed_from]["sync/probe_logp_gap"] < 1e-4  # rollout workers restarted on the resumed weights
+    assert (grpo / "DONE.json").exists() and (grpo / "model" / "model.safetensors").exists()
