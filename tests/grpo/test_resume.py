@@ -9,17 +9,11 @@ import subprocess
 import sys
 import time
 
-from tests.pipeline.test_run import DATA, REPO, pipeline, steps_logged
+from tests.pipeline.test_run import BASE_STAGE, DATA, REPO, pipeline, steps_logged
 
 WORKFLOW = f"""
 name: grpo_resume
-stages:
-  base:
-    kind: base_model
-    config:
-      tokenizer_data: [{DATA}]
-      vocab_size: 300
-      model: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}
+stages:{BASE_STAGE}
   sft:
     kind: sft
     needs: [base]

@@ -19,16 +19,19 @@ DATA = """{domain: math, source: reasoning_gym, task: basic_arithmetic, size: 30
                          allow_parentheses: false, allow_negation: false}}"""
 
 
-def tiny_workflow(name: str, sft_steps: int, save_every: int) -> str:
-    return f"""
-name: {name}
-stages:
+BASE_STAGE = f"""
   base:
     kind: base_model
     config:
       tokenizer_data: [{DATA}]
       vocab_size: 300
-      model: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}
+      model: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}"""
+
+
+def tiny_workflow(name: str, sft_steps: int, save_every: int) -> str:
+    return f"""
+name: {name}
+stages:{BASE_STAGE}
   sft:
     kind: sft
     needs: [base]
