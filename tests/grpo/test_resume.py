@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
-from tests.pipeline.test_run import BASE_STAGE, DATA, REPO, pipeline, steps_logged
+from tests.pipeline.test_run import BASE_STAGE, DATA, kill_after_checkpoint, pipeline, steps_logged
 
 WORKFLOW = f"""
 name: grpo_resume
@@ -39,19 +34,7 @@ def test_sigkilled_grpo_stage_resumes_and_continues_the_step_count(tmp_path):
     wf.write_text(WORKFLOW)
     runs = tmp_path / "runs"
     grpo = runs / "grpo_resume" / "grpo"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(wf), "--runs-dir", str(runs)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not (grpo / "checkpoints" / "step_10" / "COMPLETE").exists():
-            assert proc.poll() is None and time.time() < deadline, "grpo never reached its second checkpoint"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray, the learner, rollout, reference and reward actors
-        proc.wait()
-    assert not (grpo / "DONE.json").exists()
-    ckpts = sorted(int(p.name.split("_")[1]) for p in (grpo / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
-    resumed_from = ckpts[-1]
+    resumed_from = kill_after_checkpoint(wf, runs, grpo, 10)
     assert 10 <= resumed_from < 60 and max(steps_logged(grpo)) >= resumed_from
 
     r = pipeline("run", wf, "--runs-dir", runs)

@@ -52,6 +52,26 @@ def steps_logged(stage_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def kill_after_checkpoint(wf: Path, runs: Path, stage_dir: Path, step: int) -> int:
+    """Run `wf`, SIGKILL it once `stage_dir` holds checkpoint `step`; returns its newest complete checkpoint.
+
+    The whole process group goes: the driver, its Ray and every actor of the stage, mid-step.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(wf), "--runs-dir", str(runs)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (stage_dir / "checkpoints" / f"step_{step}" / "COMPLETE").exists():
+            assert proc.poll() is None and time.time() < deadline, f"{stage_dir.name} never reached checkpoint step_{step}"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (stage_dir / "DONE.json").exists()
+    ckpts = (int(p.name.split("_")[1]) for p in (stage_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    return max(ckpts)
+
+
 def test_run_writes_loadable_artifacts_and_skips_finished_stages(tmp_path):
     wf = tmp_path / "wf.yaml"
     wf.write_text(tiny_workflow("artifacts", sft_steps=6, save_every=3))
@@ -85,21 +105,8 @@ def test_sigkilled_stage_resumes_from_its_last_checkpoint(tmp_path):
     wf.write_text(tiny_workflow("resume", sft_steps=400, save_every=20))
     runs = tmp_path / "runs"
     sft = runs / "resume" / "sft"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(wf), "--runs-dir", str(runs)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not (sft / "checkpoints" / "step_40" / "COMPLETE").exists():
-            assert proc.poll() is None and time.time() < deadline, "sft never reached its second checkpoint"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray and the learner actor, mid-step
-        proc.wait()
-    assert not (sft / "DONE.json").exists()
-    logged_before = steps_logged(sft)
-    ckpts = sorted(int(p.name.split("_")[1]) for p in (sft / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
-    resumed_from = ckpts[-1]
-    assert 40 <= resumed_from < 400 and max(logged_before) >= resumed_from
+    resumed_from = kill_after_checkpoint(wf, runs, sft, 40)
+    assert 40 <= resumed_from < 400 and max(steps_logged(sft)) >= resumed_from
 
     # Finish quickly: same run, fewer remaining steps would change the config, so run it as is.
     r = pipeline("run", wf, "--runs-dir", runs)
