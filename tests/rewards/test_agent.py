@@ -5,18 +5,10 @@ from pathlib import Path
 import pytest
 
 from rewards.agent import AgentReward
-from sandbox import Limits, SandboxPool
 from sandbox.episode import ScriptedPolicy, load_task, run_episode
 from sandbox.toolcall import format_call
 
 TASK = str(Path(__file__).resolve().parents[2] / "sandbox" / "tasks" / "count_words.yaml")
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = SandboxPool(size=2, limits=Limits(memory_mb=256, pids=64, tmpfs_mb=32, timeout_s=5.0))
-    yield p
-    p.close()
 
 
 def test_replayed_turns_solve_or_fail_the_task(pool):

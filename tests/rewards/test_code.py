@@ -8,20 +8,12 @@ import time
 import pytest
 
 from rewards.code_tests import CodeReward
-from sandbox import Limits, SandboxPool
 
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
 
 
 def sample(code, tests=TESTS):
     return {"id": 0, "completion": f"<think>easy</think>\nHere:\n```python\n{code}\n```", "meta": {"tests": tests}}
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = SandboxPool(size=2, limits=Limits(memory_mb=256, pids=64, tmpfs_mb=32, timeout_s=5.0))
-    yield p
-    p.close()
 
 
 def test_correct_code_passes_and_wrong_code_fails(pool):
