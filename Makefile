@@ -11,7 +11,7 @@ install:
 	$(PYTHON) -m pip install -q -e '.[dev]'
 
 docker:
-	bash .ci/docker.sh
+	PYTHON=$(PYTHON) bash .ci/docker.sh
 
 quickstart: install docker
 	$(PYTHON) -m pipeline run workflows/quickstart.yaml

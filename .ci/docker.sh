@@ -28,4 +28,4 @@ if ! docker info >/dev/null 2>&1; then
 fi
 
 cd "$(dirname "$0")/.."
-python -m sandbox build-image
+"${PYTHON:-python}" -m sandbox build-image
