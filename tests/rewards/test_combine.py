@@ -103,7 +103,7 @@ def test_registered_reward_is_built_by_name(flaky):
 
 def test_ray_workers_survive_a_reward_that_kills_its_process(flaky):
     ray = pytest.importorskip("ray")
-    import cloudpickle
+    from ray import cloudpickle  # the copy Ray pickles with; the standalone package is not a dependency
 
     from rewards.workers import RayRewardPool
 
