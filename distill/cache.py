@@ -15,15 +15,24 @@ Layout of one round (`root` is a local directory or an fsspec URL such as `s3://
         hidden     [rows, hidden_t]  bf16 (cache dtype)  row i of a sample predicts its response token i
         input_ids  [tokens]          int32               prompt + response of every sample, concatenated
 
-index.json holds the round id, the policy the rollouts were sampled from, the teachers, and per shard
-(listed in (step, teacher) order) its file, step, teacher, byte size, sha256, and per sample its id, domain, prompt length and offsets into
-both tensors. Every file is written under a temporary name and renamed into place, so a reader sees a
-whole file or none. The reader checks size and sha256 of every shard before use and raises
-`CacheError` naming the shard on any mismatch; it refuses a round whose id or policy is not the one
-being trained, so training never reads stale (off-policy) rollouts.
+index.json holds the round id, the policy the rollouts were sampled from, the teachers (with the domains
+each answers for), and per shard (listed in (step, teacher) order) its file, step, teacher, byte size,
+sha256, and per sample its id, domain, prompt length and offsets into both tensors. Every file is
+written under a temporary name and renamed into place, so a reader sees a whole file or none.
 
-Shortcut, admitted: files are not fsync'ed; a power cut can leave a short shard, which the checksum
-then rejects rather than trains on.
+Nothing in a round is trusted, the index included. Each shard entry carries the sha256 of its own
+canonical JSON and the index the sha256 of the rest, so an edited or corrupt entry is named; the
+reader then checks the index's structure before reading anything (file names are plain shard names
+inside the round directory, teachers in range, each sample's offsets contiguous and inside its shard,
+row counts consistent, each domain one its teacher answers for) and each shard's size, sha256 and
+tensor shapes against its entry when it is read. Any mismatch is a `CacheError` naming the shard.
+It refuses a round whose id or policy is not the one being trained, so training never reads stale
+(off-policy) rollouts.
+
+Shortcuts, admitted: files are not fsync'ed; a power cut can leave a short shard, which the checksum
+then rejects rather than trains on. The checksums catch corruption and careless edits, not a writer
+who recomputes them: against that, the structural checks keep every read inside the round's own
+shards and every offset inside its shard.
 """
 
 from __future__ import annotations
@@ -44,9 +53,10 @@ from safetensors.torch import save as st_save
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: index and shard entries carry their own sha256
 INDEX = "index.json"
 _ROUND_RE = re.compile(r"round_(\d{6})$")
+_SHARD_RE = re.compile(r"shard_\d{5}_s(\d{3,})_t(\d{3,})\.safetensors")  # what CacheWriter names them
 
 
 class CacheError(RuntimeError):
@@ -87,7 +97,7 @@ class CacheWriter:
         self,
         root: str,
         round_id: int,
-        teachers: Sequence[dict],  # [{"name": ..., "path": ...}], index = teacher id
+        teachers: Sequence[dict],  # [{"name": ..., "path": ..., "domains": [...]}], index = teacher id
         policy: str = "",
         dtype: torch.dtype = torch.bfloat16,
         shard_rows: int = 65536,
@@ -146,8 +156,8 @@ class CacheWriter:
         """Write the last shard and then the index, which makes the round visible to readers."""
         self._flush()
         shards = sorted(self.shards, key=lambda s: (s["step"], s["teacher"]))  # stable: a group keeps its order
-        index = dict(format=FORMAT, round=self.round_id, policy=self.policy, dtype=str(self.dtype).removeprefix("torch."),
-                     teachers=self.teachers, shards=shards)
+        index = sign_index(dict(format=FORMAT, round=self.round_id, policy=self.policy,
+                                dtype=str(self.dtype).removeprefix("torch."), teachers=self.teachers, shards=shards))
         _put(self.fs, f"{self.dir}/{INDEX}", json.dumps(index, indent=1).encode())
         return index
 
@@ -176,16 +186,17 @@ class CacheReader:
             self.index = json.loads(self.fs.cat_file(f"{self.dir}/{INDEX}"))
         except FileNotFoundError:
             raise CacheError(f"no cache for round {round_id}: {where} is missing (round never finished writing)") from None
-        if self.index.get("format") != FORMAT:
-            raise CacheError(f"{where}: cache format {self.index.get('format')!r}, this reader reads {FORMAT}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CacheError(f"{where}: not valid JSON ({e}); delete the round to regenerate it") from None
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
+            got = self.index.get("format") if isinstance(self.index, dict) else type(self.index).__name__
+            raise CacheError(f"{where}: cache format {got!r}, this reader reads {FORMAT}")
+        check_index(self.index, where)
         if self.index["round"] != round_id:
             raise CacheError(f"{where}: stale cache: it holds round {self.index['round']}, training round {round_id}")
         if policy is not None and self.index["policy"] != policy:
             raise CacheError(f"{where}: stale cache: sampled from policy {self.index['policy']!r}, "
                              f"training policy {policy!r}")
-        order = [(s["step"], s["teacher"]) for s in self.index["shards"]]
-        if order != sorted(order):
-            raise CacheError(f"{where}: shards are not sorted by (step, teacher): {order}")
 
     def step_tokens(self) -> dict[int, int]:
         """Response tokens per optimizer step, to weight each batch's share of its step's mean loss."""
@@ -227,6 +238,14 @@ class CacheReader:
         if got != (str(self.round_id), str(entry["step"]), str(entry["teacher"])):
             raise CacheError(f"cache shard {where} holds round/step/teacher {got}, index says "
                              f"{(self.round_id, entry['step'], entry['teacher'])}")
+        hidden, ids = tensors.get("hidden"), tensors.get("input_ids")
+        want_hidden = (entry["rows"], self.index["teachers"][entry["teacher"]].get("hidden_size"))
+        want_ids = sum(s["ids"][1] for s in entry["samples"])
+        if hidden is None or ids is None or hidden.dim() != 2 or ids.dim() != 1:
+            raise CacheError(f"cache shard {where} lacks a 2-d 'hidden' or a 1-d 'input_ids' tensor")
+        if hidden.shape[0] != want_hidden[0] or want_hidden[1] not in (None, hidden.shape[1]) or len(ids) != want_ids:
+            raise CacheError(f"cache shard {where} holds hidden {tuple(hidden.shape)} and {len(ids)} input ids, "
+                             f"index says {want_hidden} and {want_ids}")
         return tensors
 
     def _batches(self, entry: dict, tensors: dict[str, torch.Tensor]) -> Iterator[TeacherBatch]:
@@ -250,6 +269,71 @@ class CacheReader:
             if s is not None:
                 group.append(s)
                 size += s["ids"][1]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sign_index(index: dict) -> dict:
+    """Add each shard entry's sha256 (of the entry without it), then the index's (of the rest)."""
+    shards = [{k: v for k, v in s.items() if k != "entry_sha256"} for s in index["shards"]]
+    for s in shards:
+        s["entry_sha256"] = _digest(s)
+    body = {**{k: v for k, v in index.items() if k != "sha256"}, "shards": shards}
+    return {**body, "sha256": _digest(body)}
+
+
+def check_index(index: dict, where: str) -> None:
+    """Refuse an index that was edited, or that points outside its round or its shards; names the shard."""
+    try:
+        teachers, shards = index["teachers"], index["shards"]
+        for entry in shards:
+            _check_entry(entry, teachers)
+    except _EntryError as e:
+        raise CacheError(f"{where}: shard {e.args[0]!r}: {e.args[1]}") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CacheError(f"{where}: malformed index ({type(e).__name__}: {e}); delete the round to regenerate it") from None
+    if index.get("sha256") != _digest({k: v for k, v in index.items() if k != "sha256"}):
+        raise CacheError(f"{where}: index checksum mismatch (its round, policy, teachers or shard list were edited "
+                         "or corrupted); delete the round to regenerate it")
+    order = [(s["step"], s["teacher"]) for s in shards]
+    if order != sorted(order):
+        raise CacheError(f"{where}: shards are not sorted by (step, teacher): {order}")
+
+
+class _EntryError(Exception):
+    """(shard file, what is wrong): raised inside `_check_entry`, reported by `check_index`."""
+
+
+def _check_entry(entry: dict, teachers: list[dict]) -> None:
+    name = entry.get("file")
+    m = _SHARD_RE.fullmatch(name) if isinstance(name, str) else None
+    if m is None:
+        raise _EntryError(name, "not a shard file name this writer makes (a plain shard_*.safetensors inside the "
+                                "round directory); refusing to read it")
+    if entry.get("entry_sha256") != _digest({k: v for k, v in entry.items() if k != "entry_sha256"}):
+        raise _EntryError(name, "index entry checksum mismatch (the entry was edited or corrupted)")
+    step, teacher = entry["step"], entry["teacher"]
+    if (int(m[1]), int(m[2])) != (step, teacher):
+        raise _EntryError(name, f"entry says step {step} teacher {teacher}, its name says otherwise")
+    if not (isinstance(teacher, int) and 0 <= teacher < len(teachers)):
+        raise _EntryError(name, f"teacher {teacher!r} is not one of the {len(teachers)} teachers of the round")
+    domains = teachers[teacher].get("domains")
+    row = n_ids = 0
+    for s in entry["samples"]:
+        (r0, rn), (i0, n), p = s["rows"], s["ids"], s["prompt_len"]
+        if (r0, i0) != (row, n_ids):
+            raise _EntryError(name, f"sample {s['id']!r}: offsets rows {r0}, ids {i0}; expected {row}, {n_ids} "
+                                    "(samples are stored back to back)")
+        if not (isinstance(p, int) and isinstance(n, int) and 1 <= p < n) or rn != n - p:
+            raise _EntryError(name, f"sample {s['id']!r}: {rn} rows for {n} ids with prompt length {p}")
+        if domains is not None and s["domain"] not in domains:
+            raise _EntryError(name, f"sample {s['id']!r}: domain {s['domain']!r} is not one teacher {teacher} "
+                                    f"answers for ({', '.join(domains)})")
+        row, n_ids = row + rn, n_ids + n
+    if row != entry["rows"]:
+        raise _EntryError(name, f"its samples hold {row} rows, the entry says {entry['rows']}")
 
 
 def list_rounds(root: str) -> list[int]:

@@ -1,14 +1,15 @@
 """The teacher cache round-trips, streams in teacher order, and refuses bad or stale data by name."""
 
+import json
 import threading
 import uuid
 
 import pytest
 import torch
 
-from distill.cache import CacheError, CacheReader, CacheWriter, list_rounds, prune_rounds
+from distill.cache import CacheError, CacheReader, CacheWriter, list_rounds, prune_rounds, sign_index
 
-TEACHERS = [{"name": f"t{i}", "path": f"/ckpt/t{i}"} for i in range(3)]
+TEACHERS = [{"name": f"t{i}", "path": f"/ckpt/t{i}", "domains": [f"d{i}"]} for i in range(3)]
 
 
 def _write(root, round_id=1, policy="p", shard_rows=10, n_per_teacher=4, hidden=8, steps=1):
@@ -111,6 +112,84 @@ def test_stale_or_unfinished_rounds_are_refused(tmp_path):
     assert list_rounds(root) == [2]
     with pytest.raises(CacheError, match="no cache for round 3"):
         CacheReader(root, 3)
+
+
+def _victim(index):
+    return index["shards"][2]
+
+
+def _past_the_end(index):
+    _victim(index)["samples"][-1]["rows"][0] += 1000
+
+
+def _wrong_row_count(index):
+    _victim(index)["rows"] += 3
+
+
+def _relabelled_domain(index):
+    _victim(index)["samples"][0]["domain"] = "d2"  # the victim is a teacher-1 shard: d2 is not its domain
+
+
+def _outside_the_round_dir(index):
+    _victim(index)["file"] = "../round_000002/" + _victim(index)["file"]
+
+
+@pytest.mark.parametrize("resign", [False, True], ids=["edited", "edited_and_resigned"])
+@pytest.mark.parametrize("tamper, structural", [
+    (_past_the_end, "offsets"),
+    (_wrong_row_count, "its samples hold"),
+    (_relabelled_domain, "domain 'd2' is not one teacher 1 answers for"),
+    (_outside_the_round_dir, "not a shard file name"),
+], ids=["offset_past_end", "row_count", "relabelled_domain", "file_outside_round"])
+def test_a_tampered_index_is_refused_naming_the_shard(tmp_path, tamper, structural, resign):
+    """An edited index fails its entry checksum; one whose checksums were recomputed fails the
+    structural checks. Either way the reader names the shard before reading anything."""
+    root = str(tmp_path / "cache")
+    _write(root)
+    path = tmp_path / "cache" / "round_000001" / "index.json"
+    index = json.loads(path.read_text())
+    victim = _victim(index)["file"]
+    tamper(index)
+    path.write_text(json.dumps(sign_index(index) if resign else index))
+    with pytest.raises(CacheError) as err:
+        CacheReader(root, 1)
+    msg = str(err.value)
+    assert victim in msg and "index.json" in msg
+    assert structural in msg if resign or tamper is _outside_the_round_dir else "checksum mismatch" in msg
+
+
+def test_an_edited_index_header_is_refused(tmp_path):
+    root = str(tmp_path / "cache")
+    _write(root)
+    path = tmp_path / "cache" / "round_000001" / "index.json"
+    index = json.loads(path.read_text())
+    index["teachers"][1]["path"] = "/somewhere/else"
+    path.write_text(json.dumps(index))
+    with pytest.raises(CacheError, match="index checksum mismatch"):
+        CacheReader(root, 1)
+    path.write_text("{not json")
+    with pytest.raises(CacheError, match="not valid JSON"):
+        CacheReader(root, 1)
+
+
+def test_a_shard_that_disagrees_with_its_entry_is_named_when_read(tmp_path):
+    """A consistent, signed index whose shard holds other shapes (another round's shard of the same
+    group copied in, with the index re-signed to match its bytes) fails before any of it trains."""
+    import hashlib
+
+    root = str(tmp_path / "cache")
+    _write(root)
+    _write(str(tmp_path / "other"), n_per_teacher=2)  # same round id, step and teacher, fewer rows
+    rdir = tmp_path / "cache" / "round_000001"
+    index = json.loads((rdir / "index.json").read_text())
+    entry = index["shards"][0]
+    other = json.loads((tmp_path / "other" / "round_000001" / "index.json").read_text())["shards"][0]
+    data = (tmp_path / "other" / "round_000001" / other["file"]).read_bytes()
+    (rdir / entry["file"]).write_bytes(data)
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (rdir / "index.json").write_text(json.dumps(sign_index(index)))
+    with pytest.raises(CacheError, match=f"{entry['file']} holds hidden .* index says"):
+        list(CacheReader(root, 1))
 
 
 def test_writer_requires_each_group_together(tmp_path):
