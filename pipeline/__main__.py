@@ -21,6 +21,12 @@ def describe(wf: Workflow) -> str:
     return "\n".join(lines)
 
 
+def one_line(e: UserError) -> str:
+    """The error as one printable line: a Ray-wrapped error gives its cause, control characters are escaped."""
+    e = getattr(e, "cause", None) or e  # ray.exceptions.RayTaskError carries the actor's error as `cause`
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
             submit_workflow(wf, args.address, args.runs_dir, args.stage, args.force)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,22 +9,85 @@ A workflow is a YAML mapping:
 
 Each stage's `config` is validated by its kind's pydantic model (`pipeline.stages`). Fields typed
 `ModelRef` or `PathRef` name another stage (which must be in `needs`) or an existing local path.
+
+Hostile or careless input is refused here, before anything runs: names that could leave the runs
+directory, non-finite or unrunnable numbers, duplicate YAML keys, files over 1 MiB and alias bombs.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class UserError(Exception):
     """A mistake in the user's input. The CLI prints it as one line, without a traceback."""
+
+
+# ---- bounds: what a config may ask for and still run (a bigger value is a typo, or an attack)
+MAX_YAML_BYTES = 1 << 20  # a workflow file is a page of YAML, not a data set
+MAX_YAML_NODES = 100_000  # after alias expansion: a "billion laughs" file expands past this at once
+MAX_NAME = 64  # workflow and stage names become directory names
+MAX_STEPS = 1_000_000  # optimizer steps, rounds
+MAX_BATCH = 1 << 16  # sequences, prompts or pairs per batch
+MAX_TOKENS = 1 << 20  # tokens of one sequence, response or micro-batch
+MAX_WIDTH = 1 << 16  # hidden and MLP widths of a model built from a config
+MAX_LAYERS = 256  # transformer blocks / attention heads of a model built from a config
+MAX_VOCAB = 1 << 20  # tokenizer vocabulary
+
+NAME_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}")
+
+# Shared constrained types: every stage config uses these, so a bound is written once.
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]  # finite: StageConfig has allow_inf_nan=False
+
+
+def check_name(what: str, name: str) -> str | None:
+    """Why `name` cannot name a directory under runs/, or None if it can.
+
+    >>> check_name("stage", "sft_math.v2") is None
+    True
+    >>> check_name("stage", "..")
+    "stage name '..' must be 1-64 letters, digits, '_', '-' or '.', not starting with '.' or '-'"
+    """
+    if isinstance(name, str) and NAME_RE.fullmatch(name):
+        return None
+    return (f"{what} name {_short(name)} must be 1-{MAX_NAME} letters, digits, '_', '-' or '.', "
+            f"not starting with '.' or '-'")
+
+
+def _short(value: Any, width: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= width else shown[: width - 3] + "..."
+
+
+def _non_finite(value: Any, path: str = ""):
+    """The dotted path of the first NaN or infinite float anywhere inside `value`, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(value)"
+    if isinstance(value, BaseModel):
+        items = ((k, getattr(value, k)) for k in type(value).model_fields)
+    elif isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
 
 
 @dataclass(frozen=True)
@@ -39,9 +102,31 @@ PathRef = Annotated[str, Ref("path")]
 
 
 class StageConfig(BaseModel):
-    """Base of every stage config: unknown fields are errors and a validated config is frozen."""
+    """Base of every stage config: unknown fields are errors, floats are finite, a validated config is frozen.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Besides its own float fields, any float nested in it (a dict of weights, a task's arguments,
+    a nested model that is not a StageConfig) must be finite too.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _all_floats_finite(self):
+        bad = _non_finite(self)
+        if bad:
+            raise ValueError(f"{bad}: expected a finite number, got {_short(_lookup(self, bad))}")
+        return self
+
+
+def _lookup(value: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if isinstance(value, BaseModel):
+            value = getattr(value, part)
+        elif isinstance(value, dict):
+            value = value.get(part, next((v for k, v in value.items() if str(k) == part), None))
+        elif isinstance(value, (list, tuple)):
+            value = value[int(part)]
+    return value
 
 
 class StageSpec(BaseModel):
@@ -55,9 +140,18 @@ class StageSpec(BaseModel):
 class WorkflowSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(description="Names the run directory: runs/<name>/<stage>/.")
-    seed: int = Field(0, description="Base seed; each stage derives its own from it.")
-    stages: dict[str, StageSpec] = Field(description="Stages by name, in any order.")
+    name: str = Field(description="Names the run directory runs/<name>/: 1-64 letters, digits, '_', '-', '.' "
+                                  "(not first).")
+    seed: int = Field(0, ge=0, lt=1 << 32, description="Base seed; each stage derives its own from it.")
+    stages: dict[str, StageSpec] = Field(description="Stages by name (same rule as `name`), in any order.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        problem = check_name("workflow", v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 @dataclass(frozen=True)
@@ -82,26 +176,19 @@ def load_workflow(path: str | Path) -> Workflow:
 
     path = Path(path)
     where = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{where}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{where}: cannot read: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{where}: not valid YAML{at}: {problem}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping with 'name' and 'stages', got {type(raw).__name__}")
     spec = _validate(WorkflowSpec, raw, where, prefix="")
+    if not spec.stages:
+        raise UserError(f"{where}: stages: no stages; a workflow needs at least one")
 
     stages: dict[str, Stage] = {}
     for name, st in spec.stages.items():
+        problem = check_name("stage", name)
+        if problem:
+            raise UserError(f"{where}: stages: {problem}")
         at = f"stages.{name}"
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise UserError(f"{where}: {at}: stage name {name!r} may use only letters, digits, '_', '-', '.'")
         if st.kind not in STAGES:
             raise UserError(
                 f"{where}: {at}.kind: unknown kind {st.kind!r}{_did_you_mean(st.kind, STAGES)}; "
@@ -120,6 +207,79 @@ def load_workflow(path: str | Path) -> Workflow:
 
     order = _topo_order(stages, where)
     return Workflow(path, spec.name, spec.seed, {n: stages[n] for n in order})
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    line = first.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if line != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {_short(key)} (first at line {line})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file of at most MAX_YAML_BYTES whose aliases expand to at most MAX_YAML_NODES nodes."""
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+        text = data.decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a directory, expected a workflow file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{where}: cannot read: {e}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise UserError(f"{where}: larger than {MAX_YAML_BYTES} bytes; a workflow file is a page of YAML")
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, set(), where)
+        if size > MAX_YAML_NODES:
+            raise UserError(f"{where}: aliases expand to more than {MAX_YAML_NODES} YAML nodes; refusing "
+                            f"(an alias bomb?)")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: not valid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict[int, int], open_: set[int], where: str) -> int:
+    """Nodes in `node` once every alias is expanded; memoised, so a bomb costs only its own size."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise UserError(f"{where}: line {node.start_mark.line + 1}: a YAML alias refers to a node that contains it (a recursive alias)")
+    open_.add(id(node))
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes, open_, where) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, sizes, open_, where) + _expanded_size(v, sizes, open_, where) for k, v in node.value)
+    open_.discard(id(node))
+    sizes[id(node)] = total = min(total, MAX_YAML_NODES + 1)  # capped: big ints stay cheap
+    return total
 
 
 def _validate(cls: type[BaseModel], data: Any, where: str, prefix: str) -> Any:
@@ -222,8 +382,26 @@ def _check_ref(where, dotted, ref: Ref, value: str, stage: str, needs, all_stage
     if not p.exists():
         what = "a stage name or an existing checkpoint directory" if ref.what == "model" else "an existing file"
         raise UserError(f"{where}: {dotted}: {value!r} does not exist; expected {what}")
-    if ref.what == "model" and not (p / "config.json").exists():
-        raise UserError(f"{where}: {dotted}: {value!r} is not a Hugging Face checkpoint (no config.json)")
+    if ref.what == "model":
+        problem = checkpoint_problem(p)
+        if problem:
+            raise UserError(f"{where}: {dotted}: {value!r} is not a Hugging Face checkpoint ({problem})")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be a Hugging Face checkpoint directory, or None if it looks like one."""
+    if not path.is_dir():
+        return "not a directory"
+    config = path / "config.json"
+    if not config.exists():
+        return "no config.json"
+    try:
+        data = json.loads(config.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"config.json is not valid JSON: {str(e).splitlines()[0]}"
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        return "config.json has no 'model_type'"
+    return None
 
 
 def _topo_order(stages: dict[str, Stage], where: str) -> list[str]:
