@@ -74,6 +74,10 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     import shutil
 
     path = Path(path)
+    # Defence in depth: this removes `path` and its temp sibling, so `path` must name one entry of
+    # its parent ('x/..' would remove the grandparent) and not be a link to somewhere else.
+    if path.name in ("", ".", "..") or path.is_symlink() or Path(path.parent).resolve() / path.name != path.resolve():
+        raise ValueError(f"atomic_dir: {path} is not a plain entry of its directory; refusing to replace it")
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -21,6 +25,10 @@ log = logging.getLogger(__name__)
 
 DONE_FILE = "DONE.json"
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
+# Set by `pipeline submit` in each stage job's environment to the workflow directory whose lock the
+# submitting driver holds, so the job's own `pipeline run --stage` does not wait on its parent.
+LOCK_HELD_ENV = "PIPELINE_LOCK_HELD"
 
 
 def init_ray(address: str | None) -> None:
@@ -37,8 +45,58 @@ def init_ray(address: str | None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
 
 
+def workflow_dir(wf: Workflow, runs_dir: Path) -> Path:
+    """`runs_dir/<workflow>`, resolved; refuses one that resolves anywhere but directly inside runs_dir.
+
+    Names are checked at load time; this is defence in depth against a symlink or a name that
+    slipped past, since the runner writes here and `--force` removes stage directories under it.
+    """
+    root = Path(runs_dir).resolve()
+    return inside(root / wf.name, root)
+
+
 def stage_dirs(wf: Workflow, runs_dir: Path) -> dict[str, Path]:
-    return {name: (runs_dir / wf.name / name).resolve() for name in wf.stages}
+    """Every stage's artifact directory, each checked to resolve directly inside the workflow's."""
+    top = workflow_dir(wf, runs_dir)
+    return {name: inside(top / name, top) for name in wf.stages}
+
+
+def inside(path: Path, parent: Path) -> Path:
+    """`path` resolved, if it is a child of `parent` (resolved); else a UserError naming both."""
+    resolved = Path(path).resolve()
+    if resolved.parent != Path(parent).resolve() or resolved.name in ("", ".", ".."):
+        raise UserError(f"{path} resolves to {resolved}, outside {parent}; refusing to write or remove it")
+    return resolved
+
+
+@contextmanager
+def workflow_lock(wf_dir: Path) -> Iterator[None]:
+    """Hold `wf_dir/.lock` (flock) for the block; a second holder is refused at once, naming our pid.
+
+    The kernel drops a flock when its holder dies, even by SIGKILL, so a crash never leaves it held.
+    `pipeline submit` holds the lock in its driver and sets PIPELINE_LOCK_HELD for its stage jobs.
+    """
+    if os.environ.get(LOCK_HELD_ENV) == str(wf_dir):
+        yield
+        return
+    try:
+        wf_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(wf_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{wf_dir}: cannot create the run directory: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown pid"
+        os.close(fd)
+        raise UserError(f"{wf_dir}: another run of this workflow is in progress ({holder}, holding "
+                        f"{wf_dir / LOCK_FILE}); wait for it to finish or stop it") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def stage_record(stage: Stage) -> dict:
@@ -70,24 +128,25 @@ def run_workflow(
     if only is not None and only not in wf.stages:
         raise UserError(f"{wf.path}: --stage {only!r}: no such stage; stages are {', '.join(wf.stages)}")
     dirs = stage_dirs(wf, runs_dir)
-    todo = [only] if only else list(wf.stages)
-    for name in todo:  # a lone stage needs its inputs finished already
-        for dep in wf.stages[name].needs:
-            if only and not is_done(wf.stages[dep], dirs[dep]):
-                raise UserError(f"stage {name!r} needs {dep!r}, which has not finished; run it first")
-    init_ray(address)
-    status = {}
-    for name in todo:
-        stage = wf.stages[name]
-        if force and dirs[name].exists():
-            shutil.rmtree(dirs[name])
-        if is_done(stage, dirs[name]):
-            log.info("stage %s: finished earlier, skipping (use --force to redo)", name)
-            status[name] = "skipped"
-            continue
-        run_stage(wf, stage, dirs)
-        status[name] = "ran"
-    return status
+    with workflow_lock(workflow_dir(wf, runs_dir)):  # every run, --stage or not: one writer per workflow
+        todo = [only] if only else list(wf.stages)
+        for name in todo:  # a lone stage needs its inputs finished already
+            for dep in wf.stages[name].needs:
+                if only and not is_done(wf.stages[dep], dirs[dep]):
+                    raise UserError(f"stage {name!r} needs {dep!r}, which has not finished; run it first")
+        init_ray(address)
+        status = {}
+        for name in todo:
+            stage = wf.stages[name]
+            if force and dirs[name].exists():
+                shutil.rmtree(inside(dirs[name], workflow_dir(wf, runs_dir)))
+            if is_done(stage, dirs[name]):
+                log.info("stage %s: finished earlier, skipping (use --force to redo)", name)
+                status[name] = "skipped"
+                continue
+            run_stage(wf, stage, dirs)
+            status[name] = "ran"
+        return status
 
 
 def run_stage(wf: Workflow, stage: Stage, dirs: dict[str, Path]) -> None:
@@ -108,6 +167,10 @@ def run_stage(wf: Workflow, stage: Stage, dirs: dict[str, Path]) -> None:
     log.info("stage %s (%s): starting in %s", stage.name, stage.kind, out)
     try:
         stage_module(stage.kind).run(stage.config, ctx)
+    except UserError as e:  # bad input found mid-run (data, a diverged loss): name the stage, keep it one line
+        cause = getattr(e, "cause", None) or e  # a RayTaskError from an actor carries the real error as `cause`
+        log.error("stage %s: %s", stage.name, cause)
+        raise UserError(f"stage {stage.name!r} ({stage.kind}): {cause}") from None
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

@@ -8,12 +8,13 @@ directory, which must be storage every node sees (on one machine, any local path
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from pipeline.config import UserError, Workflow
-from pipeline.runner import is_done, stage_dirs
+from pipeline.runner import LOCK_HELD_ENV, is_done, stage_dirs, workflow_dir, workflow_lock
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +23,27 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def entrypoint(workflow: Path, stage: str, runs_dir: Path) -> str:
-    return f"python -m pipeline run {workflow} --stage {stage} --runs-dir {runs_dir}"
+    return f"python -m pipeline run {shlex.quote(str(workflow))} --stage {stage} --runs-dir {shlex.quote(str(runs_dir))}"
 
 
 def submit_workflow(wf: Workflow, address: str, runs_dir: Path, only: str | None = None,
                     force: bool = False, poll_s: float = 1.0, out=sys.stdout) -> None:
-    """Submit the stages one job each, stream their logs, and stop at the first failure."""
+    """Submit the stages one job each, stream their logs, and stop at the first failure.
+
+    The driver holds the workflow's lock for the whole submission, as `run` does, so a second
+    `submit` or `run` of the workflow is refused. Each job's inner `pipeline run --stage` is told
+    (PIPELINE_LOCK_HELD in its environment) that its driver holds the lock, rather than taking it
+    itself: the driver waits on that job, so a job waiting on the driver's lock would never start.
+    """
+    if only is not None and only not in wf.stages:
+        raise UserError(f"{wf.path}: --stage {only!r}: no such stage; stages are {', '.join(wf.stages)}")
+    wf_dir = workflow_dir(wf, runs_dir)
+    with workflow_lock(wf_dir):
+        _submit_stages(wf, address, runs_dir, only, force, poll_s, out, wf_dir)
+
+
+def _submit_stages(wf: Workflow, address: str, runs_dir: Path, only: str | None, force: bool, poll_s: float,
+                   out, wf_dir: Path) -> None:
     from ray.job_submission import JobSubmissionClient
 
     cwd = Path.cwd().resolve()
@@ -48,7 +64,7 @@ def submit_workflow(wf: Workflow, address: str, runs_dir: Path, only: str | None
         job_id = submit_when_ready(
             client,
             entrypoint=cmd,
-            runtime_env={"working_dir": str(cwd), "excludes": EXCLUDES},
+            runtime_env={"working_dir": str(cwd), "excludes": EXCLUDES, "env_vars": {LOCK_HELD_ENV: str(wf_dir)}},
             submission_id=f"{wf.name}-{name}-{int(time.time())}",
         )
         print(f"[{name}] submitted as {job_id}: {cmd}", file=out, flush=True)
