@@ -36,7 +36,8 @@ from distill.loss import distill_loss
 from distill.rollout import Rollout, RolloutFn, generate_rollouts, response_hidden, write_teacher_cache
 from experts.data import DataConfig, load_samples
 from experts.models import load_model, load_tokenizer, save_checkpoint
-from pipeline.config import ModelRef, StageConfig, UserError
+from experts.train import check_finite
+from pipeline.config import MAX_BATCH, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens, UserError
 from pipeline.context import MODEL_DIR, StageContext, atomic_dir, atomic_write_json, timer
 
 log = logging.getLogger(__name__)
@@ -54,30 +55,30 @@ class Config(StageConfig):
     student: ModelRef = Field(description="Checkpoint the student starts from; must share the teachers' tokenizer.")
     teachers: list[TeacherConfig] = Field(min_length=1, description="Experts, each with the domains it answers for.")
     data: list[DataConfig] = Field(min_length=1, description="Prompt sources; a sample's domain picks its teacher.")
-    rounds: int = Field(4, ge=1, description="Rounds of generate -> teacher forward -> train.")
-    prompts_per_round: int = Field(64, ge=1, description="Prompts sampled per round, split evenly over domains.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest student response.")
+    rounds: Steps = Field(4, description="Rounds of generate -> teacher forward -> train (at most 1,000,000).")
+    prompts_per_round: BatchSize = Field(64, description="Prompts sampled per round, split evenly over domains (at most 65,536).")
+    max_new_tokens: Tokens = Field(64, description="Longest student response (at most 2^20 tokens).")
     temperature: float = Field(1.0, gt=0, description="Student sampling temperature (on-policy: keep 1).")
     top_p: float = Field(1.0, gt=0, le=1, description="Student nucleus sampling.")
-    generate_batch_size: int = Field(32, ge=1, description="Prompts per `generate` call.")
-    teacher_batch_size: int = Field(16, ge=1, description="Sequences per teacher forward pass.")
-    steps_per_round: int = Field(1, ge=1, description="Optimizer steps per round, each over a mix of all domains; "
+    generate_batch_size: BatchSize = Field(32, description="Prompts per `generate` call.")
+    teacher_batch_size: BatchSize = Field(16, description="Sequences per teacher forward pass.")
+    steps_per_round: int = Field(1, ge=1, le=MAX_BATCH, description="Optimizer steps per round, each over a mix of all domains; "
                                                    "1 is strictly on-policy. Heads load once per teacher per step.")
-    batch_tokens: int = Field(2048, ge=1, description="Tokens (prompt + response) per micro-batch; gradients of a "
+    batch_tokens: Tokens = Field(2048, description="Tokens (prompt + response) per micro-batch; gradients of a "
                                                   "step's micro-batches are accumulated.")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the student.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr: LearningRate = Field(1e-4, description="AdamW learning rate of the student, in (0, 1].")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay (at most 10).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = Field(
         "reverse_kl", description="Per-token loss: KL(student||teacher), KL(teacher||student) or GKD's JSD(beta).")
     beta: float = Field(0.5, gt=0, lt=1, description="JSD interpolation (divergence: jsd).")
     loss_temperature: float = Field(1.0, gt=0, description="Softmax temperature of both models in the loss.")
-    chunk_size: int = Field(512, ge=1, description="Tokens per logits chunk in the loss (peak memory ~ chunk x vocab).")
+    chunk_size: Tokens = Field(512, description="Tokens per logits chunk in the loss (peak memory ~ chunk x vocab).")
     cache_url: str | None = Field(None, description="Where the teacher cache goes: a local dir or fsspec URL; "
                                                     "default <out_dir>/cache.")
     cache_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of cached states.")
-    shard_tokens: int = Field(65536, ge=1, description="Response tokens per cache shard (at most, roughly).")
-    keep_rounds: int = Field(1, ge=0, description="Finished rounds' caches to keep; 0 deletes each after training.")
+    shard_tokens: Tokens = Field(65536, description="Response tokens per cache shard (at most, roughly).")
+    keep_rounds: int = Field(1, ge=0, le=1000, description="Finished rounds' caches to keep; 0 deletes each after training.")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda'.")
 
     @model_validator(mode="after")
@@ -142,7 +143,7 @@ def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollout
             step_tokens, step = reader.step_tokens(), None
             for batch in reader:  # (step, teacher) order: one head swap per teacher per step
                 if batch.step != step and step is not None:
-                    _optimizer_step(student, optimizer, cfg.max_grad_norm)
+                    _optimizer_step(student, optimizer, cfg.max_grad_norm, f"round {r} step {step + 1}")
                 step = batch.step
                 hs = response_hidden(student, batch.input_ids, batch.prompt_lens, tokenizer.pad_token_id)
                 # no local name for the head: a leftover reference would keep two heads alive at a swap
@@ -156,7 +157,7 @@ def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollout
                         sums[key] += div.sum().item()
                         counts[key] += len(div)
             if step is not None:
-                _optimizer_step(student, optimizer, cfg.max_grad_norm)
+                _optimizer_step(student, optimizer, cfg.max_grad_norm, f"round {r} step {step + 1}")
             heads.release()
 
         # ---- end of round: checkpoint first, so a kill after it never repeats the round
@@ -182,8 +183,8 @@ def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollout
     save_checkpoint(student, tokenizer, ctx.out_dir / MODEL_DIR)
 
 
-def _optimizer_step(model, optimizer, max_grad_norm: float) -> None:
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+def _optimizer_step(model, optimizer, max_grad_norm: float, at: str) -> None:
+    check_finite(at, grad_norm=torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))  # NaN loss: NaN norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -9,23 +9,31 @@ from __future__ import annotations
 
 import logging
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from experts.data import DataConfig, load_samples, sample_texts
 from experts.models import build_tiny_model, load_model, load_tokenizer, param_count, save_checkpoint, train_tokenizer
-from pipeline.config import ModelRef, StageConfig
+from pipeline.config import MAX_LAYERS, MAX_TOKENS, MAX_VOCAB, MAX_WIDTH, ModelRef, StageConfig
 from pipeline.context import MODEL_DIR, StageContext
 
 log = logging.getLogger(__name__)
+MAX_PARAMS = 1 << 31  # a model built from a config; 8 GiB of fp32 weights
 
 
 class TinyModel(StageConfig):
-    hidden_size: int = Field(128, ge=8, description="Width of the residual stream.")
-    num_hidden_layers: int = Field(4, ge=1, description="Transformer blocks.")
-    num_attention_heads: int = Field(4, ge=1, description="Query heads.")
-    num_key_value_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
-    intermediate_size: int = Field(384, ge=8, description="MLP width.")
-    max_position_embeddings: int = Field(1024, ge=16, description="Longest sequence the model is built for.")
+    hidden_size: int = Field(128, ge=8, le=MAX_WIDTH, description="Width of the residual stream (8 to 65,536).")
+    num_hidden_layers: int = Field(4, ge=1, le=MAX_LAYERS, description="Transformer blocks (at most 256).")
+    num_attention_heads: int = Field(4, ge=1, le=MAX_LAYERS, description="Query heads (at most 256).")
+    num_key_value_heads: int = Field(2, ge=1, le=MAX_LAYERS, description="Key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(384, ge=8, le=4 * MAX_WIDTH, description="MLP width (at most 262,144).")
+    max_position_embeddings: int = Field(1024, ge=16, le=MAX_TOKENS, description="Longest sequence the model is built for (at most 2^20).")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
+                             f"{self.num_attention_heads}, and that of num_key_value_heads {self.num_key_value_heads}")
+        return self
 
 
 class Config(StageConfig):
@@ -33,8 +41,18 @@ class Config(StageConfig):
     tokenizer_data: list[DataConfig] = Field(
         default_factory=lambda: [DataConfig()], description="Datasets whose text trains the tokenizer."
     )
-    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size, special tokens included.")
-    model: TinyModel = Field(default_factory=TinyModel, description="Shape of the tiny Qwen2.")
+    vocab_size: int = Field(1024, ge=300, le=MAX_VOCAB, description="BPE vocabulary size, special tokens included (at most 2^20).")
+    model: TinyModel = Field(default_factory=TinyModel, description="Shape of the tiny Qwen2 (at most 2^31 parameters).")
+
+    @model_validator(mode="after")
+    def _fits(self):
+        m = self.model
+        params = self.vocab_size * m.hidden_size + m.num_hidden_layers * (
+            4 * m.hidden_size * m.hidden_size + 3 * m.hidden_size * m.intermediate_size)
+        if params > MAX_PARAMS:
+            raise ValueError(f"vocab_size and model make about {params:.3g} parameters; at most {MAX_PARAMS:.3g} "
+                             f"are built from a config (bring a bigger model as `pretrained`)")
+        return self
 
 
 def run(cfg: Config, ctx: StageContext) -> None:

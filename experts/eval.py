@@ -6,14 +6,14 @@ import logging
 from typing import Literal
 
 import ray
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from experts.agent_rollout import AgentConfig
 from experts.data import DataConfig, load_samples
 from experts.generate import generate
 from experts.models import load_model, load_tokenizer
 from experts.train import pick_device, set_threads
-from pipeline.config import ModelRef, StageConfig
+from pipeline.config import MAX_TOKENS, BatchSize, ModelRef, StageConfig, Tokens
 from pipeline.context import StageContext, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,17 @@ class Config(StageConfig):
         "is always scored by greedy episodes in the sandbox, 1 when the task's check passes.",
     )
     limit: int | None = Field(None, ge=1, description="Score at most this many held-out samples per domain.")
-    max_new_tokens: int = Field(48, ge=1, description="Generation budget per sample.")
-    batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
+    max_new_tokens: Tokens = Field(48, description="Generation budget per sample (at most 2^20 tokens).")
+    batch_size: BatchSize = Field(64, description="Prompts per generate call (at most 65,536).")
     enable_thinking: bool = Field(True, description="False pre-fills an empty think block (non-think mode).")
-    threads: int = Field(0, ge=0, description="CPU threads per evaluation task (0: all cores).")
+    threads: int = Field(0, ge=0, le=4096, description="CPU threads per evaluation task (0: all cores).")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Episode limits for domain agent (needs Docker).")
+
+    @model_validator(mode="after")
+    def _agent_fits(self):
+        if self.agent.max_total_tokens > MAX_TOKENS:
+            raise ValueError(f"agent.max_total_tokens is {self.agent.max_total_tokens}; at most {MAX_TOKENS}")
+        return self
 
 
 def metric_for(metric: str, domain: str) -> str:

@@ -21,7 +21,7 @@ from typing import Literal
 
 import ray
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from experts.agent_rollout import AgentConfig
@@ -40,6 +40,7 @@ from experts.models import load_model, load_tokenizer, save_checkpoint
 from experts.rollout import Rollout, RolloutConfig, RolloutWorker
 from experts.sft import batch_plan
 from experts.train import (
+    check_finite,
     latest_checkpoint,
     load_train_state,
     make_optimizer,
@@ -48,7 +49,7 @@ from experts.train import (
     set_threads,
     truncate_metrics,
 )
-from pipeline.config import ModelRef, StageConfig
+from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps
 from pipeline.context import MODEL_DIR, StageContext, timer
 from rewards import CombinedReward, RewardResult, RewardSpec
 
@@ -62,34 +63,53 @@ class Config(StageConfig):
     rewards: RewardSpec = Field(default_factory=RewardSpec, description="Which rewards score a response, with weights.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="How responses are sampled.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Multi-turn episodes (domain: agent).")
-    steps: int = Field(100, ge=1, description="GRPO steps: one rollout batch and its updates each.")
-    prompts_per_step: int = Field(8, ge=1, description="Prompts per step; each gets rollout.group_size responses.")
-    lr: float = Field(1e-5, gt=0, description="Learning rate (AdamW); ~1e-6 for billion-parameter models, ~1e-4 for tiny ones.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer updates.")
+    steps: Steps = Field(100, description="GRPO steps: one rollout batch and its updates each (at most 1,000,000).")
+    prompts_per_step: BatchSize = Field(8, description="Prompts per step; each gets rollout.group_size responses. "
+                                                       "prompts_per_step x group_size is at most 65,536.")
+    lr: LearningRate = Field(1e-5, description="Learning rate (AdamW), in (0, 1]; ~1e-6 for billion-parameter models, ~1e-4 for tiny ones.")
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Linear warmup, in optimizer updates.")
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="Cosine decay to lr * this; 1.0 keeps the LR constant (the usual RL choice).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay (at most 10).")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
-    epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
-    mini_batches: int = Field(1, ge=1, description="Optimizer updates per pass; past the first, the ratio departs from 1 and clipping acts.")
-    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (gradient accumulation inside a mini-batch).")
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over each rollout batch.")
+    mini_batches: BatchSize = Field(1, description="Optimizer updates per pass; past the first, the ratio departs from 1 and clipping acts.")
+    micro_batch_size: BatchSize = Field(16, description="Sequences per forward/backward (gradient accumulation inside a mini-batch).")
     clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio floor 1 - clip_low for negative advantages (PPO's epsilon).")
     clip_high: float = Field(0.28, ge=0, description="Ratio ceiling 1 + clip_high for positive advantages (DAPO clip-higher: above clip_low).")
-    kl_coef: float = Field(0.0, ge=0, description="Weight of the k3 KL to the reference; 0 (DAPO, Dr. GRPO) skips the reference actor.")
+    kl_coef: float = Field(0.0, ge=0, le=1000, description="Weight of the k3 KL to the reference; 0 (DAPO, Dr. GRPO) skips the reference actor.")
     loss_agg: LossAgg = Field("token_mean", description="token_mean (DAPO): every response token weighs the same; seq_mean: mean per response, then over responses (GRPO).")
     scale_adv_by_std: bool = Field(True, description="Divide group-centred rewards by the group std (GRPO); False is Dr. GRPO.")
     dynamic_sampling: bool = Field(True, description="Drop groups whose G rewards are all equal (no signal); DAPO.")
     overlong: Literal["none", "penalty", "filter"] = Field(
         "filter", description="Responses cut by max_new_tokens: filter masks them out of the loss; penalty adds DAPO's soft length penalty.")
-    overlong_buffer: int = Field(16, ge=1, description="penalty: the last N tokens before max_new_tokens ramp the penalty from 0 to overlong_penalty.")
-    overlong_penalty: float = Field(1.0, ge=0, description="penalty: reward lost by a response of max_new_tokens tokens.")
-    save_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
-    threads: int = Field(0, ge=0, description="CPU threads for the learner and reference (0: all cores).")
-    num_cpus: float = Field(1, gt=0, description="CPUs the learner actor reserves in Ray.")
-    num_gpus: float = Field(0, ge=0, description="GPUs the learner actor reserves in Ray.")
-    reward_workers: int = Field(1, ge=0, description="Reward actors; 0 scores in the driver process.")
-    reward_cpus: float = Field(0.25, gt=0, description="CPUs each reward actor reserves.")
-    probe_prompts: int = Field(4, ge=1, description="Prompts in the probe batch that checks each weight sync.")
+    overlong_buffer: int = Field(16, ge=1, le=MAX_TOKENS, description="penalty: the last N tokens before max_new_tokens ramp the penalty from 0 to overlong_penalty.")
+    overlong_penalty: float = Field(1.0, ge=0, le=1000, description="penalty: reward lost by a response of max_new_tokens tokens.")
+    save_every: Steps = Field(50, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
+    threads: int = Field(0, ge=0, le=4096, description="CPU threads for the learner and reference (0: all cores).")
+    num_cpus: float = Field(1, gt=0, le=4096, description="CPUs the learner actor reserves in Ray.")
+    num_gpus: float = Field(0, ge=0, le=1024, description="GPUs the learner actor reserves in Ray.")
+    reward_workers: int = Field(1, ge=0, le=1024, description="Reward actors; 0 scores in the driver process.")
+    reward_cpus: float = Field(0.25, gt=0, le=4096, description="CPUs each reward actor reserves.")
+    probe_prompts: int = Field(4, ge=1, le=1024, description="Prompts in the probe batch that checks each weight sync.")
+
+    @model_validator(mode="after")
+    def _rollout_fits(self):
+        """The rollout's own config (experts.rollout) is bounded here, where its sizes multiply."""
+        ro = self.rollout
+        for field, value, most in (
+            ("prompts_per_step x rollout.group_size", self.prompts_per_step * ro.group_size, MAX_BATCH),
+            ("rollout.max_new_tokens", ro.max_new_tokens, MAX_TOKENS),
+            ("rollout.think_budget", ro.think_budget, MAX_TOKENS),
+            ("rollout.batch_size", ro.batch_size, MAX_BATCH),
+            ("rollout.num_workers", ro.num_workers, 1024),
+            ("agent.max_total_tokens", self.agent.max_total_tokens, MAX_TOKENS),
+            ("agent.max_turns", self.agent.max_turns, 1024),
+            ("agent.sandboxes", self.agent.sandboxes, 1024),
+        ):
+            if value > most:
+                raise ValueError(f"{field} is {value}; at most {most}")
+        return self
 
 
 def collate_rollouts(rollouts: list[Rollout], advantages: list[float], pad_id: int) -> dict[str, torch.Tensor]:
@@ -197,6 +217,7 @@ class GRPOLearner:
                         ref_logp=None if ref_logp is None else ref_logp[micro].to(self.device),
                         kl_coef=cfg.kl_coef, normaliser=norm,
                     )
+                    check_finite(f"step {self.step}", loss=loss)
                     loss.backward()
                     w = float(m.sum()) / float(m_mb.sum().clamp(min=1))  # token share of this micro-batch
                     with torch.no_grad():
@@ -204,7 +225,9 @@ class GRPOLearner:
                     sums["loss"] += loss.item()
                     for k, v in (("clip_frac", st["clip_frac"]), ("kl", st["kl"]), ("entropy", ent)):
                         sums[k] += w * float(v)
-                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                check_finite(f"step {self.step}", grad_norm=grad_norm)
+                sums["grad_norm"] += grad_norm
                 lr = self.sched.get_last_lr()[0]
                 self.opt.step()
                 self.sched.step()

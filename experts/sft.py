@@ -14,13 +14,14 @@ from typing import Literal
 import ray
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from experts.data import DataConfig, load_samples
 from experts.models import load_model, load_tokenizer, save_checkpoint
 from experts.train import (
     autocast,
+    check_finite,
     latest_checkpoint,
     load_train_state,
     make_optimizer,
@@ -29,7 +30,7 @@ from experts.train import (
     set_threads,
     truncate_metrics,
 )
-from pipeline.config import ModelRef, StageConfig
+from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens
 from pipeline.context import MODEL_DIR, StageContext, timer
 
 log = logging.getLogger(__name__)
@@ -42,22 +43,32 @@ class Config(StageConfig):
         default_factory=lambda: [DataConfig()],
         description="Training samples (their `completion` is the target); one source or a list to mix domains.",
     )
-    steps: int = Field(200, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Sequences (or packed rows) per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_len: int = Field(256, ge=8, description="Longest sequence in tokens; longer samples are cut.")
+    steps: Steps = Field(200, description="Optimizer steps (at most 1,000,000).")
+    batch_size: BatchSize = Field(16, description="Sequences (or packed rows) per micro-batch (at most 65,536).")
+    grad_accum: BatchSize = Field(1, description="Micro-batches per optimizer step (at most 65,536).")
+    max_len: Tokens = Field(256, ge=8, description="Longest sequence in tokens (8 to 2^20); longer samples are cut. "
+                                                 "batch_size x max_len is at most 2^20 tokens.")
     packing: bool = Field(False, description="Concatenate samples into full rows of max_len instead of padding.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    lr: LearningRate = Field(1e-3, description="Peak learning rate (AdamW), in (0, 1].")
+    warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warmup steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays the LR to lr * min_lr_ratio.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay (at most 10).")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on a GPU that has it, else fp32.")
-    save_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
-    threads: int = Field(0, ge=0, description="CPU threads for the learner (0: all cores).")
-    num_cpus: float = Field(1, gt=0, description="CPUs the learner actor reserves in Ray.")
+    save_every: Steps = Field(50, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
+    threads: int = Field(0, ge=0, le=4096, description="CPU threads for the learner (0: all cores).")
+    num_cpus: float = Field(1, gt=0, le=4096, description="CPUs the learner actor reserves in Ray.")
 
+    @model_validator(mode="after")
+    def _batch_fits(self):
+        if self.batch_size * self.max_len > MAX_TOKENS:
+            raise ValueError(f"batch_size x max_len = {self.batch_size * self.max_len} tokens per micro-batch; "
+                             f"at most {MAX_TOKENS}")
+        if self.batch_size * self.grad_accum > MAX_BATCH:
+            raise ValueError(f"batch_size x grad_accum = {self.batch_size * self.grad_accum} sequences per step; "
+                             f"at most {MAX_BATCH}")
+        return self
 
     @field_validator("data", mode="before")
     @classmethod
@@ -155,6 +166,7 @@ class SFTLearner:
             (loss_sum / max(1, n_total)).backward()
             loss_total += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        check_finite(f"step {self.step + 1}", loss=loss_total / max(1, n_total), grad_norm=grad_norm)
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
@@ -174,7 +186,7 @@ class SFTLearner:
 def run(cfg: Config, ctx: StageContext) -> None:
     model_path = ctx.model_path(cfg.model)
     tok = load_tokenizer(model_path)
-    samples = [s for d in cfg.data for s in load_samples(d, "train")]
+    samples = [s for d in cfg.data for s in load_samples(d, "train", need_completion=True)]
     rows = build_rows(tok, samples, cfg.max_len, cfg.packing)
     plan = batch_plan(len(rows), cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
     resume = latest_checkpoint(ctx.checkpoint_dir)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from experts.models import save_checkpoint
+from pipeline.config import UserError
 from pipeline.context import atomic_write_text
 
 STATE_FILE = "trainer_state.pt"
@@ -51,6 +52,30 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged: a loss or gradient norm is NaN or infinite. The stage fails, never DONE."""
+
+
+def check_finite(at: str, **values) -> None:
+    """Raise NonFiniteLoss naming `at` (e.g. "step 3") if any value is NaN or infinite.
+
+    Every learner calls this before `optimizer.step()`, so a diverged step never reaches the
+    weights or a checkpoint.
+
+    >>> check_finite("step 1", loss=0.5, grad_norm=2.0)
+    >>> check_finite("step 3", loss=float("nan"), grad_norm=1.0)
+    Traceback (most recent call last):
+    ...
+    experts.train.NonFiniteLoss: loss is nan at step 3 (grad_norm 1): training diverged; lower lr, or check the data and the starting checkpoint
+    """
+    values = {k: float(v) for k, v in values.items()}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        others = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != bad[0])
+        raise NonFiniteLoss(f"{bad[0]} is {values[bad[0]]} at {at}{f' ({others})' if others else ''}: training "
+                            f"diverged; lower lr, or check the data and the starting checkpoint")
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup: int, total: int, min_ratio: float):

@@ -19,9 +19,21 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipeline.config import ModelRef, PathRef, StageConfig
+from pipeline.config import (
+    MAX_BATCH,
+    MAX_LAYERS,
+    MAX_TOKENS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    LearningRate,
+    ModelRef,
+    PathRef,
+    StageConfig,
+    Steps,
+    Tokens,
+)
 from pipeline.context import StageContext, atomic_write_json, timer
 from rewards.base import RewardResult, Sample
 from rewards.format import answer_text
@@ -36,19 +48,28 @@ class Config(StageConfig):
     pairs: PathRef | None = Field(
         None, description="JSONL of {messages, chosen, rejected}; None generates pairs from the IF checkers."
     )
-    n_pairs: int = Field(400, gt=1, description="How many pairs to generate when `pairs` is not given.")
+    n_pairs: int = Field(400, gt=1, le=1_000_000, description="How many pairs to generate when `pairs` is not given.")
     pair_types: list[str] | None = Field(
         None, description="Constraint types for generated pairs (rewards.instruction.CHECKS); None: all."
     )
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="Share of pairs held out for pairwise accuracy.")
-    steps: int = Field(80, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Pairs per step.")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
-    max_length: int = Field(160, ge=16, description="Tokens per prompt+answer; longer ones keep their end.")
-    hidden_size: int = Field(32, description="Width of the from-scratch model.")
-    num_layers: int = Field(2, description="Layers of the from-scratch model.")
-    vocab_size: int = Field(512, description="Vocabulary of the tokenizer trained when `model` is None.")
-    eval_every: int = Field(40, ge=1, description="Log held-out accuracy every this many steps.")
+    steps: Steps = Field(80, description="Optimizer steps (at most 1,000,000).")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH // 2, description="Pairs per step (at most 32,768).")
+    lr: LearningRate = Field(2e-3, description="AdamW learning rate, in (0, 1].")
+    max_length: Tokens = Field(160, ge=16, description="Tokens per prompt+answer (16 to 2^20); longer ones keep their end.")
+    hidden_size: int = Field(32, ge=8, le=MAX_WIDTH, description="Width of the from-scratch model (a multiple of 4, at most 65,536).")
+    num_layers: int = Field(2, ge=1, le=MAX_LAYERS, description="Layers of the from-scratch model (at most 256).")
+    vocab_size: int = Field(512, ge=300, le=MAX_VOCAB, description="Vocabulary of the tokenizer trained when `model` is None.")
+    eval_every: Steps = Field(40, description="Log held-out accuracy every this many steps.")
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 (the model's attention heads)")
+        if 2 * self.batch_size * self.max_length > MAX_TOKENS:
+            raise ValueError(f"2 x batch_size x max_length = {2 * self.batch_size * self.max_length} tokens per step; "
+                             f"at most {MAX_TOKENS}")
+        return self
 
 
 def render(tokenizer, messages: Sequence[dict[str, Any]], answer: str) -> str:
@@ -108,6 +129,7 @@ def _setup(cfg: Config, ctx: StageContext, pairs: list[dict]):
 
 def run(cfg: Config, ctx: StageContext) -> None:
     from experts.models import save_checkpoint
+    from experts.train import check_finite
     from rewards.if_data import preference_pairs, read_jsonl
 
     rng = random.Random(ctx.seed)
@@ -138,7 +160,8 @@ def run(cfg: Config, ctx: StageContext) -> None:
             loss = bt_loss(r_c, r_r)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            check_finite(f"step {step}", loss=loss, grad_norm=grad_norm)
             opt.step()
             sched.step()
         metrics = {"loss": loss.item(), "train/pairwise_accuracy": (r_c > r_r).float().mean().item(),
