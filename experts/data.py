@@ -10,6 +10,8 @@ Sources: `reasoning_gym` (procedurally generated tasks shipped in that PyPI pack
 `generator` (any `module:function(n, seed, **task_args)` returning sample dicts, e.g.
 `rewards.if_data:if_samples` for instruction following).
 The held-out split is taken after removing duplicate prompts, so no held-out prompt is trained on.
+A malformed record (not an object, not UTF-8, a field of the wrong type) is a `UserError` naming
+its file and line; nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import Field, model_validator
 from pipeline.config import PathRef, StageConfig, UserError
 
 Split = Literal["train", "heldout", "all"]
+MAX_SAMPLES = 10_000_000
 
 
 class DataConfig(StageConfig):
@@ -41,9 +44,10 @@ class DataConfig(StageConfig):
     task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task or generator.")
     path: PathRef | None = Field(None, description="JSONL file (source: jsonl) or saved `datasets` dir (source: hf).")
     hf_split: str = Field("train", description="Split to read from an hf dataset.")
-    size: int = Field(2000, ge=1, description="Samples to generate (reasoning_gym) or to keep at most.")
-    heldout: int = Field(200, ge=0, description="Samples held out for evaluation, taken after de-duplication.")
-    seed: int = Field(0, description="Seed for generation and for the train/held-out split.")
+    size: int = Field(2000, ge=1, le=MAX_SAMPLES, description="Samples to generate (reasoning_gym) or to keep at most "
+                                                               "(at most 10,000,000).")
+    heldout: int = Field(200, ge=0, le=MAX_SAMPLES, description="Samples held out for evaluation, taken after de-duplication.")
+    seed: int = Field(0, ge=0, lt=1 << 32, description="Seed for generation and for the train/held-out split.")
     system: str | None = Field(None, description="System prompt added to every sample.")
     think: bool = Field(False, description="SFT targets write the answer's working inside the think block.")
 
@@ -51,14 +55,22 @@ class DataConfig(StageConfig):
     def _needs_path(self):
         if self.source in ("jsonl", "hf") and not self.path:
             raise ValueError(f"source {self.source!r} needs `path`")
+        if self.source == "jsonl" and Path(self.path).is_dir():
+            raise ValueError(f"path {self.path!r} is a directory; source 'jsonl' reads a file")
+        if self.source == "hf" and Path(self.path).is_file():
+            raise ValueError(f"path {self.path!r} is a file; source 'hf' reads a saved `datasets` directory")
         if self.source == "generator":
             _generator(self.task)  # fails at load time, naming the function, not mid-run
         return self
 
 
-def load_samples(cfg: DataConfig, split: Split = "train") -> list[dict]:
-    """The samples of one split, in a fixed order given by `cfg.seed`."""
-    samples = _dedupe(_read(cfg))
+def load_samples(cfg: DataConfig, split: Split = "train", need_completion: bool = False) -> list[dict]:
+    """The samples of one split, in a fixed order given by `cfg.seed`.
+
+    need_completion: every sample must have a `completion` (SFT's target); one without is an error
+    naming its record, not a sample silently dropped.
+    """
+    samples = _dedupe(_read(cfg, need_completion))
     random.Random(cfg.seed).shuffle(samples)
     if cfg.heldout >= len(samples) and split != "all":
         raise UserError(f"data.heldout: {cfg.heldout} held out leaves no training samples from {len(samples)}")
@@ -78,30 +90,53 @@ def sample_texts(samples: list[dict]) -> list[str]:
     return out
 
 
-def _read(cfg: DataConfig) -> list[dict]:
+def _read(cfg: DataConfig, need_completion: bool = False) -> list[dict]:
     if cfg.source == "reasoning_gym":
         return _reasoning_gym(cfg)
     if cfg.source == "generator":
         rows = _generator(cfg.task)(n=cfg.size, seed=cfg.seed, **cfg.task_args)
-        return [_normalise(r, cfg, where=cfg.task) for r in rows]
+        return [_normalise(r, cfg, f"{cfg.task}[{i}]", need_completion) for i, r in enumerate(rows)]
     if cfg.source == "jsonl":
-        rows = []
-        with open(cfg.path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{cfg.path}:{lineno}: not valid JSON: {e.msg}") from None
-                rows.append(_normalise(row, cfg, where=f"{cfg.path}:{lineno}"))
-        return rows[: cfg.size]
+        return _read_jsonl(cfg, need_completion)
     import datasets
 
-    ds = datasets.load_from_disk(cfg.path)
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds[cfg.hf_split]
-    return [_normalise(dict(r), cfg, where=f"{cfg.path}[{i}]") for i, r in enumerate(ds.select(range(min(cfg.size, len(ds)))))]
+    try:
+        ds = datasets.load_from_disk(cfg.path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[cfg.hf_split]
+    except KeyError:
+        raise UserError(f"{cfg.path}: no split {cfg.hf_split!r} (data.hf_split)") from None
+    except (OSError, ValueError) as e:  # not a saved dataset, or a damaged one
+        raise UserError(f"{cfg.path}: cannot load a saved `datasets` dataset: {str(e).splitlines()[0]}") from None
+    return [_normalise(dict(r), cfg, f"{cfg.path}[{i}]", need_completion)
+            for i, r in enumerate(ds.select(range(min(cfg.size, len(ds)))))]
+
+
+def _read_jsonl(cfg: DataConfig, need_completion: bool) -> list[dict]:
+    rows = []
+    try:
+        f = open(cfg.path, "rb")  # bytes: a bad byte is reported with its line, not as a decode traceback
+    except IsADirectoryError:
+        raise UserError(f"{cfg.path}: is a directory; source 'jsonl' reads a file") from None
+    except OSError as e:
+        raise UserError(f"{cfg.path}: cannot read: {e.strerror or e}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{cfg.path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON: {e.msg}") from None
+            except RecursionError:
+                raise UserError(f"{where}: JSON nested too deeply") from None
+            rows.append(_normalise(row, cfg, where, need_completion))
+    return rows[: cfg.size]
 
 
 def _generator(spec: str):
@@ -138,15 +173,29 @@ def _reasoning_gym(cfg: DataConfig) -> list[dict]:
     return rows
 
 
-def _normalise(row: dict, cfg: DataConfig, where: str) -> dict:
+def _normalise(row: Any, cfg: DataConfig, where: str, need_completion: bool = False) -> dict:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object with 'messages' or 'prompt', got {_kind(row)}")
     if "messages" in row:
         messages = row["messages"]
-        if not (isinstance(messages, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-            raise UserError(f"{where}: messages: expected a list of {{role, content}} mappings")
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise UserError(f"{where}: messages: expected a non-empty list of {{role, content}} mappings of strings")
     elif "prompt" in row:
+        if not isinstance(row["prompt"], (str, int, float)) or isinstance(row["prompt"], bool):
+            raise UserError(f"{where}: prompt: expected a string, got {_kind(row['prompt'])}")
         messages = [{"role": "user", "content": str(row["prompt"])}]
     else:
-        raise UserError(f"{where}: needs 'messages' or 'prompt', has {sorted(row)}")
+        raise UserError(f"{where}: needs 'messages' or 'prompt', has {sorted(map(str, row))}")
+    completion = row.get("completion")
+    if completion is None and need_completion:
+        raise UserError(f"{where}: completion: missing; every SFT sample needs the target text")
+    if completion is not None and not isinstance(completion, str):
+        raise UserError(f"{where}: completion: expected a string, got {_kind(completion)}")
+    for key, types in (("domain", str), ("meta", dict), ("answer", (str, int, float)), ("id", (str, int))):
+        if row.get(key) is not None and not isinstance(row[key], types):
+            raise UserError(f"{where}: {key}: expected {_kind(types)}, got {_kind(row[key])}")
     if cfg.system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": cfg.system}] + messages
     key = json.dumps(messages, sort_keys=True)
@@ -155,9 +204,20 @@ def _normalise(row: dict, cfg: DataConfig, where: str) -> dict:
         "domain": row.get("domain") or cfg.domain,
         "messages": messages,
         "answer": None if row.get("answer") is None else str(row["answer"]),
-        "completion": row.get("completion"),
+        "completion": completion,
         "meta": row.get("meta") or {},
     }
+
+
+def _kind(value: Any) -> str:
+    """A JSON reader's name for a value's type (or for a type, or a tuple of types)."""
+    names = {str: "a string", int: "a number", float: "a number", bool: "true/false", dict: "an object",
+             list: "a list", type(None): "null"}
+    if isinstance(value, tuple):
+        return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in value))
+    if isinstance(value, type):
+        return names.get(value, value.__name__)
+    return names.get(type(value), type(value).__name__)
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:

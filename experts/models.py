@@ -8,13 +8,15 @@ checkpoints (safetensors + tokenizer), so a GPU user swaps in a real model by gi
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from pipeline.config import UserError
 from pipeline.context import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -106,13 +108,24 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overri
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    tok = AutoTokenizer.from_pretrained(str(path))
+    with _loading(path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = "left"  # generation pads on the left; training builds its own batches
     return tok
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    with _loading(path, "model"):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+
+
+@contextmanager
+def _loading(path: str | Path, what: str) -> Iterator[None]:
+    """A checkpoint that cannot load (garbage config.json, missing weights) is one line naming it."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: cannot load a Hugging Face {what}: {str(e).strip().splitlines()[0][:300]}") from None
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, path: str | Path) -> Path:
