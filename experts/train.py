@@ -70,7 +70,7 @@ def check_finite(at: str, **values) -> None:
     ...
     experts.train.NonFiniteLoss: loss is nan at step 3 (grad_norm 1): training diverged; lower lr, or check the data and the starting checkpoint
     """
-    values = {k: float(v) for k, v in values.items()}
+    values = {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         others = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != bad[0])

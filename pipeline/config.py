@@ -220,12 +220,13 @@ class _StrictLoader(yaml.SafeLoader):
                     continue
                 key = self.construct_object(key_node, deep=True)
                 try:
-                    line = first.setdefault(key, key_node.start_mark.line + 1)
+                    seen = key in first
                 except TypeError:  # an unhashable key: the base class says so
                     continue
-                if line != key_node.start_mark.line + 1:
+                if seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {_short(key)} (first at line {line})", key_node.start_mark)
+                        None, None, f"duplicate key {_short(key)} (first at line {first[key]})", key_node.start_mark)
+                first[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
 
