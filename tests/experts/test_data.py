@@ -41,3 +41,55 @@ def test_jsonl_record_errors_name_file_and_line(tmp_path):
     f.write_text(json.dumps({"question": "hi"}) + "\n")
     with pytest.raises(UserError, match=rf"^{f}:1: needs 'messages' or 'prompt'"):
         load_samples(DataConfig(source="jsonl", path=str(f), heldout=0))
+
+
+GOOD_ROW = json.dumps({"prompt": "1+1", "completion": "2"})
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b"5", "expected a JSON object with 'messages' or 'prompt', got a number"),
+    (b"null", "expected a JSON object with 'messages' or 'prompt', got null"),
+    (b'["a"]', "expected a JSON object with 'messages' or 'prompt', got a list"),
+    (b'{"prompt": "caf\xe9"}', "not valid UTF-8 (byte 16 of the line)"),
+    (b'{"prompt": null}', "prompt: expected a string, got null"),
+    (b'{"prompt": "hi", "completion": 5}', "completion: expected a string, got a number"),
+    (b'{"messages": [{"role": "user", "content": 5}]}', "messages: expected a non-empty list"),
+    (b'{"messages": []}', "messages: expected a non-empty list"),
+    (b'{"prompt": "hi", "meta": "x"}', "meta: expected an object, got a string"),
+    (b'{"prompt": "hi", "domain": 3}', "domain: expected a string, got a number"),
+    (b"[" * 100000 + b"]" * 100000, "JSON nested too deeply"),
+])
+def test_bad_jsonl_row_is_one_line_naming_file_and_line(tmp_path, line, expected):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(GOOD_ROW.encode() + b"\n" + line + b"\n")
+    with pytest.raises(UserError) as e:
+        load_samples(DataConfig(source="jsonl", path=str(f), heldout=0))
+    assert str(e.value) == f"{f}:2: {expected}" or str(e.value).startswith(f"{f}:2: {expected}"), str(e.value)
+
+
+def test_sft_samples_without_a_completion_are_an_error_not_skipped(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(GOOD_ROW + "\n" + json.dumps({"prompt": "2+2"}) + "\n")
+    cfg = DataConfig(source="jsonl", path=str(f), heldout=0)
+    assert len(load_samples(cfg)) == 2  # prompts alone are fine for GRPO and eval
+    with pytest.raises(UserError, match=rf"^{f}:2: completion: missing; every SFT sample needs the target text$"):
+        load_samples(cfg, need_completion=True)
+
+
+def test_data_path_of_the_wrong_kind_fails_at_validate(tmp_path):
+    (tmp_path / "f.jsonl").write_text(GOOD_ROW + "\n")
+    with pytest.raises(ValueError, match="is a directory; source 'jsonl' reads a file"):
+        DataConfig(source="jsonl", path=str(tmp_path))
+    with pytest.raises(ValueError, match="is a file; source 'hf' reads a saved `datasets` directory"):
+        DataConfig(source="hf", path=str(tmp_path / "f.jsonl"))
+
+
+def test_a_directory_that_is_not_a_dataset_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=rf"^{tmp_path}: cannot load a saved `datasets` dataset"):
+        load_samples(DataConfig(source="hf", path=str(tmp_path), heldout=0))
+
+
+@pytest.mark.parametrize("field, value", [("size", 10**12), ("heldout", 10**12), ("seed", -1)])
+def test_data_sizes_are_bounded(field, value):
+    with pytest.raises(ValueError, match=field):
+        DataConfig(**{field: value})
