@@ -19,7 +19,7 @@ WORDS = ["apple", "berry", "cider", "dates", "elder", "figgy", "grape", "honey",
 TINY = dict(hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
 STUDENT = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 PER_DOMAIN, HELDOUT = 20, 4
-WARMUP_STEPS = 16
+WARMUP_STEPS = 24  # enough that the student answers in the teachers' format (see the student below)
 
 
 @dataclass
@@ -80,8 +80,13 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory) -> ToyWorld:
     root = tmp_path_factory.mktemp("toy_world")
+    # The answers are in the tokenizer's data too, so each word is one token (trained on prompts
+    # alone, "apple" split into "ap"+"ple" and d00's answer became a six-token alternation).
     texts = [r["prompt"] for k in range(len(DOMAINS)) for r in _rows(k)] + [" ".join(WORDS)] * 20
+    texts += [w * 3 for w in WORDS] * 20
     tok = train_tokenizer(texts, vocab_size=320)
+    for w in WORDS:
+        assert len(tok(w * 3, add_special_tokens=False)["input_ids"]) == 3, f"{w!r} is not one token"
     base = build_tiny_model(tok, seed=0, **TINY)
     save_checkpoint(base, tok, root / "base")
     data, teachers = [], []
@@ -96,7 +101,9 @@ def toy_world(tmp_path_factory) -> ToyWorld:
         teachers.append(save_checkpoint(teacher, tok, root / f"teacher_{domain}"))
     # The student: a larger model after a short SFT warm-up on every domain, as a real student is a
     # pretrained generalist. From a random init, reverse KL (mode-seeking) lets a student settle on
-    # tokens its teacher gives almost no mass (end of turn), where the gradient vanishes.
+    # tokens its teacher gives almost no mass (end of turn), where the gradient vanishes. With 16
+    # warm-up steps (before KL ~8 nats/token) OPD was at the mercy of its sampling seed; with 24
+    # every seed tried cut each domain's KL 100-fold (tests/distill/test_opd.py).
     student = build_tiny_model(tok, seed=1, **STUDENT)
     mixed = [(r, w) for k, w in enumerate(WORDS) for r in _rows(k)[:3]]
     _sft(student, tok, [r for r, _ in mixed], [w for _, w in mixed], steps=WARMUP_STEPS)

@@ -78,7 +78,15 @@ def test_twelve_teachers_one_head_at_a_time(toy_world, tmp_path, monkeypatch):
 
 
 def test_student_moves_toward_each_domains_teacher(toy_world, tmp_path):
-    """Per-domain KL(student || teacher) on held-out prompts falls after OPD (4 domains)."""
+    """Per-domain KL(student || teacher) on held-out prompts falls after OPD (4 domains).
+
+    What OPD guarantees is descent on this on-policy objective at a stable step size, so that is
+    what is asserted, with a wide margin: at lr 3e-3 every sampling seed tried (6 of 6) cut each
+    domain's held-out KL by 100x or more. At lr 1e-2 (this test's old setting) Adam overshoots:
+    the student collapses onto a token its teacher rejects, where reverse KL's gradient
+    p_s * (log p_s - log p_t - KL) vanishes, and 5 of 6 seeds ended *further* from some teacher
+    (up to 15x), so float noise, i.e. which CPU ran it, decided the result.
+    """
     k = 4
     tok_path = toy_world.student
 
@@ -92,14 +100,14 @@ def test_student_moves_toward_each_domains_teacher(toy_world, tmp_path):
 
     before = measure(toy_world.student)
     ctx = _ctx(tmp_path)
-    run(_cfg(toy_world, k=k, rounds=5, prompts_per_round=64, steps_per_round=8, lr=1e-2, max_new_tokens=8), ctx)
+    run(_cfg(toy_world, k=k, rounds=5, prompts_per_round=64, steps_per_round=8, lr=3e-3, max_new_tokens=8), ctx)
     after = measure(ctx.out_dir / "model")
     for d in before:
         print(f"{d}: KL(student || teacher) {before[d]:.3f} -> {after[d]:.3f}")
     for d in before:
-        assert after[d] < 0.6 * before[d], f"{d}: {before[d]:.3f} -> {after[d]:.3f}"
+        assert after[d] < 0.3 * before[d], f"{d}: {before[d]:.3f} -> {after[d]:.3f}"
     losses = [m["loss"] for m in _metrics(ctx)]
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.3 * losses[0], losses
 
 
 def test_resumes_after_a_kill_with_the_cache_on_an_fsspec_url(toy_world, tmp_path):
