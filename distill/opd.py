@@ -128,8 +128,10 @@ def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollout
             groups: dict[tuple[int, int], list[Rollout]] = defaultdict(list)  # (teacher, step) -> rollouts
             for i, ro in enumerate(rollouts):
                 groups[(route[ro.domain], i % cfg.steps_per_round)].append(ro)
-            writer = CacheWriter(cache_root, r, [{"name": n, "path": str(p)} for n, p in zip(names, teacher_paths)],
-                                 policy=policy, dtype=getattr(torch, cfg.cache_dtype), shard_rows=cfg.shard_tokens)
+            teachers = [{"name": n, "path": str(p), "domains": list(t.domains)}  # the cache checks each sample's
+                        for n, p, t in zip(names, teacher_paths, cfg.teachers)]     # domain against its teacher
+            writer = CacheWriter(cache_root, r, teachers, policy=policy, dtype=getattr(torch, cfg.cache_dtype),
+                                 shard_rows=cfg.shard_tokens)
             write_teacher_cache(groups, teacher_paths, writer, tokenizer.pad_token_id, load_model,
                                 cfg.teacher_batch_size, device)
             index = writer.close()
