@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -22,21 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _rss_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+from bench._memory import PeakDelta  # noqa: E402
 
 
 def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, divergence: str, repeats: int) -> dict:
@@ -61,18 +46,16 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, dive
 
     step(64)  # warm up kernels and the allocator on a sliver
     hs.grad = ws.grad = None
-    before = _rss_kib("VmRSS")
-    exact = _reset_peak()
-    t0 = time.perf_counter()
-    loss = step(tokens)
-    seconds = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakDelta() as mem:
+        t0 = time.perf_counter()
+        loss = step(tokens)
+        seconds = time.perf_counter() - t0
     for _ in range(repeats - 1):  # the machine is shared: the best of a few runs is the honest time
         hs.grad = ws.grad = None
         t0 = time.perf_counter()
         step(tokens)
         seconds = min(seconds, time.perf_counter() - t0)
-    return dict(variant=variant, loss=loss, seconds=seconds, peak_mib=(peak - before) / 1024, exact_peak=exact,
+    return dict(variant=variant, loss=loss, seconds=seconds, peak_mib=mem.mib, exact_peak=mem.exact,
                 grad_norm=float(hs.grad.norm()), head_grad_norm=float(ws.grad.norm()))
 
 

@@ -65,19 +65,78 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: 
     return 0.0 - penalty * over.clamp(max=1.0)  # 0.0 - x, so no -0.0
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token) under `softmax(logits / temperature)`.  logits [B, T, V], tokens [B, T] -> [B, T]
+LOGPROB_CHUNK = 1024  # rows of [rows, vocab] fp32 alive at once: 128 MiB at a 32k vocabulary
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """log pi(token) under `softmax(logits / temperature)`.  logits [B, T, V], tokens [B, T] -> [B, T] fp32
 
     The rollout samples at `temperature`, so the policy being optimised is the tempered one
     (verl does the same); rollout and learner must use the same temperature here.
+
+    Never builds a full fp32 [B, T, V]: `chunk` rows at a time it gathers the token's logit and
+    subtracts the row's logsumexp (TRL's `selective_log_softmax`, verl's `logprobs_from_logits`).
+    Backward is written out, (onehot(token) - softmax) / temperature per chunk, into one gradient in
+    the logits' own dtype, so autograd keeps no [B, T, V] intermediate either.
     """
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    shape = tokens.shape
+    flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TokenLogprobs.apply(flat, flat_tokens, temperature, chunk).reshape(shape)
+    return _logprobs_and_lse(flat, flat_tokens, temperature, chunk)[0].reshape(shape)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of the tempered next-token distribution.  [B, T, V] -> [B, T]"""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+def _logprobs_and_lse(flat: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk: int):
+    """([rows] log-probs, [rows] logsumexp of logits / temperature), both fp32, `chunk` rows at a time."""
+    logp = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    lse = torch.empty_like(logp)
+    for i in range(0, flat.shape[0], chunk):
+        x = flat[i : i + chunk].to(torch.float32, copy=True).div_(temperature)  # [rows, V]: one fp32 chunk
+        lse[i : i + chunk] = x.logsumexp(-1)
+        logp[i : i + chunk] = x.gather(-1, tokens[i : i + chunk, None]).squeeze(-1) - lse[i : i + chunk]
+    return logp, lse
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, flat, tokens, temperature, chunk):
+        with torch.no_grad():
+            logp, lse = _logprobs_and_lse(flat, tokens, temperature, chunk)
+        ctx.save_for_backward(flat, tokens, lse)  # the logits themselves, not a copy
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_out):  # d logp / d logits = (onehot(token) - softmax(logits / t)) / t
+        flat, tokens, lse = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        grad = torch.empty_like(flat)
+        for i in range(0, flat.shape[0], chunk):
+            g = grad_out[i : i + chunk, None].float()
+            p = flat[i : i + chunk].to(torch.float32, copy=True).div_(t).sub_(lse[i : i + chunk, None]).exp_()
+            d = p.mul_(-g).scatter_add_(-1, tokens[i : i + chunk, None], g).div_(t)
+            grad[i : i + chunk] = d
+        return grad, None, None, None
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """Entropy of the tempered next-token distribution.  [B, T, V] -> [B, T] fp32
+
+    `chunk` rows at a time; with gradients each chunk is recomputed in backward (activation
+    checkpointing), so no fp32 [B, T, V] is kept.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    flat = logits.reshape(-1, logits.shape[-1])
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    out = [checkpoint(_entropy, x, temperature, use_reentrant=False) if grad else _entropy(x, temperature)
+           for x in flat.split(chunk)]
+    return torch.cat(out).reshape(logits.shape[:-1]) if out else flat.new_zeros(logits.shape[:-1], dtype=torch.float32)
+
+
+def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [rows, V]
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -142,6 +142,37 @@ def test_logprobs_and_entropy_of_a_uniform_distribution():
     assert token_logprobs(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[0]]), 0.5).exp().item() == pytest.approx(0.8808, abs=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])  # one row, a size that does not divide B*T, one chunk
+def test_chunked_logprobs_and_entropy_equal_the_naive_full_softmax(dtype, chunk):
+    """Chunking changes memory, not values: log-probs, entropy and their gradients match a full
+    fp32 log_softmax over [B, T, V] to 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 11, generator=g)).to(dtype)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    weights = torch.randn(3, 5, generator=g)
+    t = 0.7
+
+    def grads(fn):
+        x = logits.clone().requires_grad_(True)
+        out = fn(x)
+        (out * weights).sum().backward()
+        return out.detach(), x.grad.float()
+
+    naive_logp = lambda x: torch.log_softmax(x.float() / t, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    naive_ent = lambda x: -(torch.log_softmax(x.float() / t, -1).exp() * torch.log_softmax(x.float() / t, -1)).sum(-1)
+    for ours, naive in ((lambda x: token_logprobs(x, tokens, t, chunk=chunk), naive_logp),
+                        (lambda x: entropy_from_logits(x, t, chunk=chunk), naive_ent)):
+        (got, got_grad), (want, want_grad) = grads(ours), grads(naive)
+        assert got.dtype == torch.float32 and got.shape == (3, 5)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(logits), want, atol=1e-6, rtol=0)
+    assert torch.equal(logits, (3 * torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0))).to(dtype)), \
+        "the logits are read, never written"
+
+
 def test_docstring_examples():
     import doctest
 
