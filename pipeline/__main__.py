@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import UserError, Workflow, load_workflow
+from pipeline.config import StageFailed, UserError, Workflow, load_workflow
 
 
 def describe(wf: Workflow) -> str:
@@ -21,7 +21,7 @@ def describe(wf: Workflow) -> str:
     return "\n".join(lines)
 
 
-def one_line(e: UserError) -> str:
+def one_line(e: Exception) -> str:
     """The error as one printable line: a Ray-wrapped error gives its cause, control characters are escaped."""
     e = getattr(e, "cause", None) or e  # ray.exceptions.RayTaskError carries the actor's error as `cause`
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except StageFailed as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

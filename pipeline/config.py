@@ -32,6 +32,11 @@ class UserError(Exception):
     """A mistake in the user's input. The CLI prints it as one line, without a traceback."""
 
 
+class StageFailed(RuntimeError):
+    """A stage could not finish for a reason outside the user's input (a worker died, say); the CLI
+    prints it as one line and exits 1."""
+
+
 # ---- bounds: what a config may ask for and still run (a bigger value is a typo, or an attack)
 MAX_YAML_BYTES = 1 << 20  # a workflow file is a page of YAML, not a data set
 MAX_YAML_NODES = 100_000  # after alias expansion: a "billion laughs" file expands past this at once

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import yaml
 
-from pipeline.config import Stage, UserError, Workflow
+from pipeline.config import Stage, StageFailed, UserError, Workflow
 from pipeline.context import StageContext, atomic_write_json, atomic_write_text
 from pipeline.stages import stage_module
 
@@ -171,6 +171,9 @@ def run_stage(wf: Workflow, stage: Stage, dirs: dict[str, Path]) -> None:
         cause = getattr(e, "cause", None) or e  # a RayTaskError from an actor carries the real error as `cause`
         log.error("stage %s: %s", stage.name, cause)
         raise UserError(f"stage {stage.name!r} ({stage.kind}): {cause}") from None
+    except StageFailed as e:  # e.g. a learner worker died: one line naming the stage and the worker
+        log.error("stage %s: %s", stage.name, e)
+        raise StageFailed(f"stage {stage.name!r} ({stage.kind}): {e}") from None
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

@@ -1,0 +1,78 @@
+"""Which rows each step trains on, and how a step's batch is split over ranks and micro-batches."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+
+
+def batch_plan(n_rows: int, per_step: int, steps: int, seed: int) -> list[list[int]]:
+    """Row indices for every step: shuffled epochs back to back, fixed by `seed` (so resumable).
+
+    >>> batch_plan(3, 2, 3, seed=0)
+    [[0, 2], [1, 2], [1, 0]]
+    """
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * per_step:
+        epoch = list(range(n_rows))
+        rng.shuffle(epoch)
+        order.extend(epoch)
+    return [order[s * per_step : (s + 1) * per_step] for s in range(steps)]
+
+
+def row_tokens(batch: Batch) -> list[int]:
+    """Tokens per row: its attention mask's sum, else the row's width."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum(1).tolist()
+    return [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
+
+
+def split_by_tokens(tokens: list[int], parts: int) -> list[list[int]]:
+    """Row indices for each of `parts` ranks, balancing tokens (longest row first to the lightest rank).
+
+    >>> split_by_tokens([10, 1, 1, 8, 2], 2)
+    [[0, 1], [2, 3, 4]]
+    """
+    heap = [(0, 0, p) for p in range(parts)]  # (tokens, rows, rank)
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(tokens)), key=lambda i: (-tokens[i], i)):
+        load, rows, p = heapq.heappop(heap)
+        out[p].append(i)
+        heapq.heappush(heap, (load + tokens[i], rows + 1, p))
+    return [sorted(rows) for rows in out]
+
+
+def take(batch: Batch, rows: list[int]) -> Batch:
+    """Rows `rows` of every [B, ...] tensor, with all-padding columns at the right cut off."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    out = {k: v[idx] for k, v in batch.items()}
+    if "attention_mask" in out and len(rows):
+        width = batch["attention_mask"].shape[1]
+        keep = int(out["attention_mask"].sum(0).nonzero().max()) + 1 if out["attention_mask"].any() else 1
+        for k, v in out.items():  # [B, L] tensors keep `keep` columns, [B, L-1] ones (next-token targets) keep-1
+            if v.dim() >= 2 and v.shape[1] in (width, width - 1):
+                out[k] = v[:, : keep - (width - v.shape[1])]
+    return out
+
+
+def rank_micro_batches(batch: Batch, world: int, micro: int) -> tuple[list[list[tuple[Batch, bool]]], list[list[int]]]:
+    """Split `batch` over `world` ranks by tokens, then each rank's rows into micro-batches of `micro`.
+
+    Every rank gets the same number of micro-batches (FSDP's collectives need every rank in every
+    pass): a rank that is short gets padding micro-batches, marked False, whose loss counts zero.
+    Returns (per rank [(micro_batch, real)], per rank the row indices in the order they come back).
+    """
+    parts = split_by_tokens(row_tokens(batch), world)
+    chunks = [[rows[i : i + micro] for i in range(0, len(rows), micro)] for rows in parts]
+    n = max(1, max(len(c) for c in chunks))
+    out = []
+    for c in chunks:
+        real = [(take(batch, rows), True) for rows in c]
+        pad = take(batch, c[0] if c else [0])
+        out.append(real + [(pad, False)] * (n - len(real)))
+    return out, parts

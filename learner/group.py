@@ -1,0 +1,180 @@
+"""`WorkerGroup`: the stage's handle on its learner ranks, as one object with one step at a time.
+
+The stage (the single controller) calls `train_step(batch, objective, denominator)`,
+`forward(batch, fn)`, `save(...)`, `save_hf(...)`; the group splits each batch over ranks
+balanced by tokens, runs the call on every rank and adds up what comes back. A rank that dies
+fails the call at once with one line naming it and its node (the other ranks are killed rather
+than left waiting in a collective); a group the cluster cannot hold fails before anything starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from learner.batching import Batch, rank_micro_batches
+from learner.checkpoint import finish
+from learner.config import LearnerConfig
+from learner.optim import Optim
+from learner.worker import LearnerWorker, Loader, Objective
+from pipeline.config import StageFailed, UserError
+
+log = logging.getLogger(__name__)
+PLACEMENT_TIMEOUT_S = 120
+
+
+class WorkerFailed(StageFailed):
+    """A learner rank died or broke mid-call; names the rank and its node."""
+
+
+def default_loader(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    from experts.models import load_model
+
+    return load_model(path, dtype)
+
+
+class WorkerGroup:
+    """`cfg.workers` LearnerWorker actors in one placement group, joined by torch.distributed."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, optim: Optim | None = None, *,
+                 loader: Loader = default_loader, resume: str | None = None, name: str = "learner"):
+        self.cfg, self.name, self.model_path = cfg, name, str(model_path)
+        self._check_resources()
+        bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+        self.pg = placement_group([bundle] * cfg.workers, strategy="STRICT_SPREAD" if cfg.placement == "spread" else "PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise UserError(f"{name}: learner {cfg.workers} x {bundle} ({cfg.placement}) could not be placed within "
+                            f"{PLACEMENT_TIMEOUT_S}s; the cluster has {ray.available_resources()} free")
+        actor = ray.remote(LearnerWorker)
+        self.workers = [actor.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, name=None,
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)).remote()
+                        for i in range(cfg.workers)]
+        self.nodes = [f"rank {i}" for i in range(cfg.workers)]  # names errors until the nodes are known
+        self.nodes = [f"rank {i} on {n}" for i, n in enumerate(self._call("node"))]
+        addr, port = ray.get(self.workers[0].address.remote())
+        steps = self._call("setup", per_rank=[(r, cfg.workers, addr, port, self.model_path, cfg, optim, loader, resume)
+                                              for r in range(cfg.workers)])
+        self.step = steps[0]
+        log.info("%s: %d worker(s), %s, %s: %s", name, cfg.workers, cfg.strategy, cfg.dtype, ", ".join(self.nodes))
+
+    def _check_resources(self) -> None:
+        total = ray.cluster_resources()
+        for what, each in (("CPU", self.cfg.cpus_per_worker), ("GPU", self.cfg.gpus_per_worker)):
+            need = each * self.cfg.workers
+            if need > total.get(what, 0):
+                raise UserError(f"{self.name}: learner asks for {self.cfg.workers} workers x {each:g} {what} = "
+                                f"{need:g} {what}, but the cluster has {total.get(what, 0):g}")
+        if self.cfg.placement == "spread":
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+            if nodes < self.cfg.workers:
+                raise UserError(f"{self.name}: learner placement 'spread' puts one worker per node: "
+                                f"{self.cfg.workers} workers, but the cluster has {nodes} node(s)")
+
+    # -- calls ---------------------------------------------------------------------------------
+    def _call(self, method: str, *args: Any, per_rank: list[tuple] | None = None) -> list[Any]:
+        """`method` on every rank; the results in rank order. A dead rank fails the call at once."""
+        futures = [getattr(w, method).remote(*(per_rank[i] if per_rank else args)) for i, w in enumerate(self.workers)]
+        rank_of = {f: i for i, f in enumerate(futures)}
+        pending, results = list(futures), {}
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            f = done[0]
+            try:
+                results[rank_of[f]] = ray.get(f)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                self.close()
+                raise WorkerFailed(f"{self.name} {self.nodes[rank_of[f]]} died during {method} "
+                                   f"({type(e).__name__}); rerun to resume from the last checkpoint") from None
+            except ray.exceptions.RayTaskError as e:
+                self.close()
+                if isinstance(e.cause, UserError):
+                    raise e.cause from None
+                raise WorkerFailed(f"{self.name} {self.nodes[rank_of[f]]} failed during {method}: "
+                                   f"{type(e.cause).__name__}: {e.cause}") from None
+        return [results[i] for i in range(len(futures))]
+
+    def train_step(self, batch: Batch, objective: Objective, denominator: float, micro_batch_size: int,
+                   label: str | None = None) -> dict[str, float]:
+        """One optimizer step on `batch` (all ranks' rows): sum(loss) / denominator, clipped.
+
+        Returns the metric sums over the whole batch (`loss` and whatever `objective` reports),
+        plus `grad_norm` and `lr`.
+        """
+        per_rank, _ = rank_micro_batches(batch, self.cfg.workers, micro_batch_size)
+        label = label or f"step {self.step + 1}"
+        outs = self._call("train_step", per_rank=[(mbs, objective, denominator, label) for mbs in per_rank])
+        sums: dict[str, float] = {}
+        for o in outs:
+            for k, v in o["sums"].items():
+                sums[k] = sums.get(k, 0.0) + v
+        self.step = outs[0]["step"]
+        return {**sums, "grad_norm": outs[0]["grad_norm"], "lr": outs[0]["lr"]}
+
+    def forward(self, batch: Batch, fn, micro_batch_size: int) -> torch.Tensor:
+        """`fn(model, micro_batch) -> [rows, ...]` over every row of `batch`, back in the batch's row order.
+
+        Results of different micro-batches may differ in width (their padding is cut): they are
+        right-padded with zeros to the batch's widest.
+        """
+        per_rank, parts = rank_micro_batches(batch, self.cfg.workers, micro_batch_size)
+        outs = self._call("forward", per_rank=[(mbs, fn) for mbs in per_rank])
+        pieces = [(rows, t) for rank_rows, rank_outs in zip(parts, outs)
+                  for rows, t in zip(_chunks(rank_rows, micro_batch_size), rank_outs)]
+        if not pieces:
+            return torch.zeros(0)
+        width = max(t.shape[1] for _, t in pieces) if pieces[0][1].dim() > 1 else None
+        n = sum(len(rows) for rows, _ in pieces)
+        out = pieces[0][1].new_zeros((n, width, *pieces[0][1].shape[2:]) if width is not None else (n,))
+        for rows, t in pieces:
+            if width is None:
+                out[rows] = t
+            else:
+                out[rows, : t.shape[1]] = t
+        return out
+
+    def full_state_dict(self) -> ray.ObjectRef:
+        """A reference to the whole model in HF names (gathered on rank 0), put in the object store
+        once by rank 0; rollout workers fetch it from there, the driver never holds a copy."""
+        return self._call("full_state_dict_ref")[0][0]
+
+    def save(self, checkpoint_dir: Path, keep: int, extra: dict | None = None) -> Path:
+        """Resumable sharded checkpoint `checkpoint_dir/step_N` (N = optimizer steps so far)."""
+        final = Path(checkpoint_dir) / f"step_{self.step}"
+        tmp = final.with_name(f".{final.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self._call("save_sharded", str(tmp), extra or {})
+        return finish(tmp, final, self.step, keep)
+
+    def save_hf(self, path: Path, tokenizer_path: str) -> Path:
+        """A full, gathered Hugging Face checkpoint at `path` (AutoModelForCausalLM loads it)."""
+        self._call("save_hf", str(path), str(tokenizer_path))
+        return Path(path)
+
+    def close(self) -> None:
+        for w in getattr(self, "workers", []):
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001 -- already dead
+                pass
+        self.workers = []
+        if getattr(self, "pg", None) is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+            self.pg = None
+
+
+def _chunks(rows: list[int], size: int) -> list[list[int]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
