@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sandbox.container import Limits, SandboxError, docker_client
+from sandbox.container import MAX_TIMEOUT_S, Limits, SandboxError, check_timeout, docker_client
 from sandbox.image import DEFAULT_IMAGE, build_image
 
 log = logging.getLogger("sandbox")
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def pooled(sp):
         sp.add_argument("--image", default=DEFAULT_IMAGE, help=f"local image with python3 (default {DEFAULT_IMAGE})")
-        sp.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per command (default 10)")
+        # Parsed in main, so a bad value is one line naming it (argparse would add its usage block).
+        sp.add_argument("--timeout", default="10", help=f"wall-clock seconds per command, in (0, {MAX_TIMEOUT_S:g}] (default 10)")
 
     b = sub.add_parser("build-image", help="build the default image offline (debootstrap + docker import)")
     b.add_argument("--tag", default=DEFAULT_IMAGE)
@@ -169,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if getattr(args, "timeout", None) is not None:
+        try:
+            args.timeout = check_timeout(args.timeout, "--timeout")
+        except ValueError as e:
+            print(f"sandbox: error: {e}", file=sys.stderr)
+            return 2  # a usage error, as argparse's own
     from sandbox.episode import TaskError
 
     try:

@@ -112,6 +112,9 @@ class RemoteSession:
     def python(self, code: str, *, stdin: str | None = None, timeout: float | None = None) -> Result:
         return Result(**self._call("exec", code=code, stdin=stdin, timeout=timeout))
 
+    def check(self, cmd: str | list[str], *, files: dict[str, str] | None = None, timeout: float) -> Result:
+        return Result(**self._call("check", cmd=cmd, files=files or {}, timeout=timeout))
+
     def write_file(self, path: str, content: str) -> None:
         self._call("write_file", path=path, content=content)
 

@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -21,24 +22,51 @@ log = logging.getLogger(__name__)
 
 LABEL = "opd.sandbox"  # every container we start carries it: `docker ps -a --filter label=opd.sandbox`
 SERVER_SRC = (Path(__file__).parent / "server.py").read_text()
+SHM_BYTES = 16 << 20  # /dev/shm (docker's default is 64 MiB); emptied on every reset
 
 
 class SandboxError(RuntimeError):
     """The sandbox could not do what was asked (daemon down, start deadline passed, lost session)."""
 
 
+class ProtocolError(ValueError):
+    """A reply on the channel that does not answer the request just sent."""
+
+
+MAX_TIMEOUT_S = 3600.0  # the longest any one exec or check may run
+
+
+def check_timeout(timeout: float, what: str = "timeout") -> float:
+    """A per-call timeout as a float, or a ValueError naming the bad value.
+
+    >>> check_timeout(2)
+    2.0
+    >>> check_timeout(float("inf"))
+    Traceback (most recent call last):
+    ...
+    ValueError: timeout inf is not allowed: give a number of seconds in (0, 3600]
+    """
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {timeout} is not a number of seconds") from None
+    if not 0 < t <= MAX_TIMEOUT_S:  # also false for nan
+        raise ValueError(f"{what} {timeout} is not allowed: give a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    return t
+
+
 class Limits(BaseModel):
-    """Per-container resource limits and per-exec caps."""
+    """Per-container resource limits and per-exec caps; every one is finite and bounded."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    memory_mb: int = Field(512, description="Memory limit; swap is disabled (memory+swap = memory).")
-    cpus: float = Field(1.0, description="CPU quota in cores.")
-    pids: int = Field(128, description="Max processes/threads in the container (stops fork bombs).")
-    tmpfs_mb: int = Field(64, description="Size of the writable /work tmpfs (counts toward memory).")
-    timeout_s: float = Field(10.0, description="Default wall-clock timeout of one exec.")
-    max_output_bytes: int = Field(1 << 20, description="Cap on captured stdout+stderr of one exec.")
-    start_timeout_s: float = Field(30.0, description="Deadline for creating+starting one container.")
+    memory_mb: int = Field(512, ge=64, le=64 * 1024, description="Memory limit; swap is disabled (memory+swap = memory).")
+    cpus: float = Field(1.0, gt=0, le=64, description="CPU quota in cores.")
+    pids: int = Field(128, ge=16, le=4096, description="Max processes/threads in the container (stops fork bombs).")
+    tmpfs_mb: int = Field(64, ge=1, le=16 * 1024, description="Size of the writable /work tmpfs (counts toward memory).")
+    timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="Default wall-clock timeout of one exec.")
+    max_output_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="Cap on captured stdout+stderr of one exec.")
+    start_timeout_s: float = Field(30.0, gt=0, le=600, description="Deadline for creating+starting one container.")
 
 
 @dataclass(frozen=True)
@@ -142,7 +170,9 @@ class Box:
             command=["python3", "-I", "-c", SERVER_SRC],
             name=self.name,
             stdin_open=True,
-            user="65534:65534",
+            # The exec server is root with only SETUID/SETGID/KILL; every child it runs drops to
+            # 65534 before user code starts (sandbox/server.py says why that keeps the channel out of reach).
+            user="0:0",
             working_dir="/work",
             hostname="sandbox",
             labels=owner_labels(pool_id),
@@ -151,6 +181,8 @@ class Box:
                 read_only=True,
                 tmpfs={"/work": f"{tmpfs_opts},size={limits.tmpfs_mb}m", "/tmp": f"{tmpfs_opts},size=16m"},
                 cap_drop=["ALL"],
+                cap_add=["SETUID", "SETGID", "KILL"],
+                shm_size=SHM_BYTES,
                 security_opt=["no-new-privileges"],
                 pids_limit=limits.pids,
                 mem_limit=mem,
@@ -188,12 +220,22 @@ class Box:
         return b"".join(chunks)
 
     def request(self, req: dict, timeout: float) -> dict:
-        """Send one request and wait for its reply; raises (and marks the box dead) on failure."""
+        """Send one request and wait for its reply; raises (and marks the box dead) on failure.
+
+        Each request carries a fresh random id that the reply must echo, and nothing may follow
+        the reply: a reply that is stale, injected or out of step kills the box, which the pool
+        then destroys and replaces, so no caller ever gets another request's result.
+        """
         if self.dead or self._sock is None:
             raise ConnectionError("sandbox is dead")
+        rid = secrets.token_hex(8)
         try:
-            self._sock.sendall(json.dumps(req).encode() + b"\n")
-            return json.loads(self._read_line(time.monotonic() + timeout))
+            self._sock.sendall(json.dumps({**req, "id": rid}).encode() + b"\n")
+            reply = json.loads(self._read_line(time.monotonic() + timeout))
+            if not isinstance(reply, dict) or reply.get("id") != rid or self._buf:
+                got = reply.get("id") if isinstance(reply, dict) else reply
+                raise ProtocolError(f"sandbox reply out of step (sent id {rid}, got {got!r}); destroying it")
+            return reply
         except (OSError, TimeoutError, ConnectionError, ValueError):
             self.dead = True
             raise
@@ -213,21 +255,34 @@ class Box:
 
         Never raises: a failure of the sandbox itself comes back as an error Result.
         """
-        timeout = self.limits.timeout_s if timeout is None else timeout
+        timeout = self.limits.timeout_s if timeout is None else check_timeout(timeout)
         req = {
             "op": "exec", "argv": argv, "python": python, "timeout": timeout, "kill_group": kill_group,
             "max_output": self.limits.max_output_bytes,
             "stdin": _b64(stdin) if stdin else "",
             "files": {p: _b64(d) for p, d in (files or {}).items()},
         }
+        return self._exec_request(req, timeout, "exec")
+
+    def check(self, argv: list[str], files: dict[str, str | bytes], timeout: float) -> Result:
+        """Run a task's check: every process killed, `files` written fresh, then argv in a clean environment.
+
+        Never raises; a failure (a file that cannot be written fresh, say) is an error Result.
+        """
+        timeout = check_timeout(timeout)
+        req = {"op": "check", "argv": argv, "timeout": timeout, "max_output": self.limits.max_output_bytes,
+               "files": {p: _b64(d) for p, d in files.items()}}
+        return self._exec_request(req, timeout, "check")
+
+    def _exec_request(self, req: dict, timeout: float, what: str) -> Result:
         t0 = time.monotonic()
         try:
             # The server enforces `timeout`; our own deadline only catches a wedged server.
             rep = self.request(req, timeout=timeout + 10.0)
         except (OSError, TimeoutError, ConnectionError, ValueError) as e:
-            return Result.failed(f"sandbox failed during exec: {e}", time.monotonic() - t0)
+            return Result.failed(f"sandbox failed during {what}: {e}", time.monotonic() - t0)
         if not rep.get("ok"):
-            return Result.failed(f"sandbox refused exec: {rep.get('error')}", time.monotonic() - t0)
+            return Result.failed(f"sandbox refused {what}: {rep.get('error')}", time.monotonic() - t0)
         return Result(
             stdout=base64.b64decode(rep["stdout"]).decode("utf-8", "replace"),
             stderr=base64.b64decode(rep["stderr"]).decode("utf-8", "replace"),
@@ -254,11 +309,16 @@ class Box:
             raise SandboxError(f"{what}: sandbox failed: {e}") from None
 
     def reset(self) -> bool:
-        """Kill every process but the server and wipe /work and /tmp; False if that failed."""
+        """Restore the state a fresh container starts in (see `SandboxPool`); False if the server
+        could not prove it, and then the box must be destroyed."""
         try:
-            return bool(self.request({"op": "reset"}, timeout=10).get("ok"))
-        except (OSError, TimeoutError, ConnectionError, ValueError):
+            rep = self.request({"op": "reset"}, timeout=10)
+        except (OSError, TimeoutError, ConnectionError, ValueError) as e:
+            log.warning("reset of %s failed: %s", self.name, e)
             return False
+        if not rep.get("ok"):
+            log.warning("reset of %s incomplete (%s); replacing it", self.name, rep.get("error"))
+        return bool(rep.get("ok"))
 
     def destroy(self, by_name: bool = False) -> None:
         """Remove the container (force); safe to call twice."""

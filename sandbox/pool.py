@@ -16,7 +16,7 @@ from typing import Any
 
 import docker.errors
 
-from sandbox.container import LABEL, Box, Limits, Result, SandboxError, docker_client, is_orphan
+from sandbox.container import LABEL, Box, Limits, Result, SandboxError, check_timeout, docker_client, is_orphan
 from sandbox.image import DEFAULT_IMAGE
 from sandbox.trajectory import Trajectory
 
@@ -71,8 +71,21 @@ class SandboxPool:
 
     At most `size` execs run at once; further callers wait in strict FIFO order. At most
     `max_starting` containers start at once and each start has a deadline (`limits.start_timeout_s`).
-    A container that died, timed out at the channel level, or failed its reset is destroyed and
-    replaced in the background; a healthy one is reset (processes killed, /work wiped) and reused.
+    A container that died, timed out at the channel level, answered out of step, or failed its
+    reset is destroyed and replaced in the background; a healthy one is reset and reused.
+
+    What a reset guarantees to the next holder (each line is a case of
+    `tests/sandbox/test_reset.py::test_a_reset_leaves_nothing_for_the_next_holder`, which plants
+    the leak through the real pool and looks for it from the next run):
+    - no process of the previous holder is alive, setsid'd or not (root SIGKILLs all but PID 1);
+    - /work and /tmp are empty, owned by 65534, mode 1777, with no user xattrs (a `chmod 555`
+      or `setfattr` on them is undone);
+    - /dev/shm (16 MiB) and /dev/mqueue (POSIX message queues) are empty;
+    - no SysV shared memory segment, message queue or semaphore set exists (IPC namespace is private);
+    - the wipe runs as the sandbox user, then root checks each point above; if any fails (say a
+      directory tree too deep to remove) the container is destroyed and replaced, never reused.
+    The rest of the container cannot be changed from inside: the root filesystem is read-only,
+    and the user cannot write /dev, /etc's bind mounts or anything root owns.
     """
 
     def __init__(
@@ -128,13 +141,20 @@ class SandboxPool:
         """
         if (code is None) == (cmd is None):
             raise ValueError("pass exactly one of code= or cmd=")
+        if timeout is not None:
+            timeout = check_timeout(timeout)  # a ValueError naming the value, before any container is taken
         argv = None if cmd is None else command_argv(cmd)
         try:
             box = self._checkout()
         except SandboxError as e:
             return Result.failed(str(e))
-        result = box.exec(argv, python=code, files=files, stdin=stdin, timeout=timeout)
-        self._checkin(box)
+        try:
+            result = box.exec(argv, python=code, files=files, stdin=stdin, timeout=timeout)
+        except BaseException:
+            box.dead = True  # unknown state: replace it rather than hand it on
+            raise
+        finally:
+            self._checkin(box)
         return result
 
     async def arun(self, code: str | None = None, **kwargs: Any) -> Result:
@@ -178,10 +198,13 @@ class SandboxPool:
         return sid
 
     def session_call(self, sid: str, op: str, **args: Any) -> Any:
-        """One session operation: exec (cmd|code, stdin, timeout), write_file, read_file, close.
+        """One session operation: exec (cmd|code, stdin, timeout), check (cmd, files, timeout),
+        write_file, read_file.
 
-        exec returns a Result dict; read_file returns text; write_file returns None.
+        exec and check return a Result dict; read_file returns text; write_file returns None.
         """
+        if args.get("timeout") is not None:
+            args["timeout"] = check_timeout(args["timeout"])
         with self._lock:
             lease = self._sessions.get(sid)
         if lease is None:
@@ -246,6 +269,8 @@ class SandboxPool:
             argv = None if cmd is None else command_argv(cmd)
             return box.exec(argv, python=args.get("code"), stdin=args.get("stdin"),
                             timeout=args.get("timeout")).to_dict()
+        if op == "check":
+            return box.check(command_argv(args["cmd"]), args.get("files") or {}, args["timeout"]).to_dict()
         if op == "write_file":
             box.write_file(args["path"], args["content"])
             return None
@@ -389,8 +414,15 @@ class Session:
         """Run a Python program in /work."""
         return Result(**self.pool.session_call(self.id, "exec", code=code, stdin=stdin, timeout=timeout))
 
+    def check(self, cmd: str | list[str], *, files: dict[str, str] | None = None, timeout: float) -> Result:
+        """Score the session: kill all its processes, write `files` fresh, run `cmd` in a clean environment.
+
+        Use `sandbox.episode.run_check(session, task)`, which passes a task's check and check files.
+        """
+        return Result(**self.pool.session_call(self.id, "check", cmd=cmd, files=files or {}, timeout=timeout))
+
     def write_file(self, path: str, content: str) -> None:
-        """Write `content` to `path` (relative to /work, or under /tmp)."""
+        """Write `content` to `path` (inside /work; symlinks and special files are refused)."""
         self.pool.session_call(self.id, "write_file", path=path, content=content)
 
     def read_file(self, path: str, max_bytes: int | None = None) -> str:

@@ -4,32 +4,53 @@ The host starts each container with `python3 -c <this file's source>` and talks 
 container's attached stdin/stdout: one JSON object per line each way. One long-lived channel
 instead of a `docker exec` per command is what makes a warm exec cost milliseconds.
 
-Why PID 1: the kernel drops signals sent to a namespace's init from inside that namespace unless
-it installed a handler, so user code (same uid) cannot kill the server; and as init it reaps
-orphans. It also marks itself non-dumpable, so same-uid user code cannot ptrace it or open
-/proc/1/fd/* to forge replies on the channel.
+Why user code cannot reach the channel: the server and the code it runs never share an identity
+or a protocol file descriptor.
+- The server is root inside the container with every capability dropped except SETUID, SETGID
+  (to drop children's privileges) and KILL (to kill the user's processes); no DAC_OVERRIDE, so
+  root here cannot even read a file the sandbox user made private.
+- Every child drops to uid/gid 65534 with no supplementary groups (setgroups, setgid, setuid)
+  after its stdin/stdout/stderr became fresh pipes and every other fd was closed; under
+  no-new-privileges it can never regain root. A different uid cannot signal, ptrace or open
+  /proc/1/fd/* of the server (which is also non-dumpable), so fds 0 and 1 of PID 1, the channel,
+  are out of reach.
+- File tools (`write`, `read`, and exec's `files`) act for the user (effective uid 65534), walk
+  the path one component at a time with O_NOFOLLOW from /work, refuse symlinks at every
+  component, `..` and absolute paths outside /work, and refuse anything but a regular file
+  (opened O_NONBLOCK, checked with fstat before reading), so neither `/proc/self/fd/1` behind a
+  symlink nor a FIFO can turn a file tool into a write to the channel or a stalled server.
+- Every request carries an `id` that its reply echoes; the host destroys a container whose reply
+  is out of step (`sandbox/container.py`).
+As PID 1 the server also reaps orphans, and the kernel drops signals sent to a namespace's init.
 
-Requests: {"op": "ping"} | {"op": "exec", "argv": [...] or "python": code, "stdin": b64, "files": {path: b64},
-"timeout": s, "max_output": bytes, "kill_group": bool} | {"op": "write", "path", "data": b64} |
-{"op": "read", "path", "max_bytes"} | {"op": "reset"}.  Replies carry "ok" and the op's fields.
+Requests (each with "id"): {"op": "ping"} | {"op": "exec", "argv": [...] or "python": code,
+"stdin": b64, "files": {path: b64}, "timeout": s, "max_output": bytes, "kill_group": bool} |
+{"op": "write", "path", "data": b64} | {"op": "read", "path", "max_bytes"} | {"op": "kill"} |
+{"op": "check", exec's fields, "files" written fresh} | {"op": "reset"}.
+Replies carry "id", "ok" and the op's fields.
 """
 
 import atexit
 import base64
+import contextlib
 import ctypes
+import errno
 import io
 import json
 import os
 import selectors
-import shutil
 import signal
+import stat
 import sys
 import time
 import traceback  # imported up front so forked children do not pay for it
+import importlib.machinery
 import types
 
 WORK = "/work"
-SCRATCH = ("/work", "/tmp")
+SCRATCH = ("/work", "/tmp")  # the user's tmpfs mounts: owned by the user, mode 1777
+IPC_DIRS = ("/dev/shm", "/dev/mqueue")  # root-owned, mode 1777: the user's files there go on reset
+USER = 65534  # uid and gid of every process that runs user code (nobody:nogroup)
 ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": WORK,
@@ -37,6 +58,24 @@ ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",
     "PYTHONUNBUFFERED": "1",
 }
+# A task's check sees nothing the agent could have planted in its environment: no home (so no
+# ~/.local usercustomize or .pth files), no bytecode cache next to sources, and Python does not
+# put the script's directory first on sys.path (a check imports the solution explicitly, after
+# the standard library, so a /work/json.py cannot shadow `json`).
+CHECK_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/nonexistent",
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONNOUSERSITE": "1",
+    "PYTHONPYCACHEPREFIX": "/nonexistent",
+    "PYTHONSAFEPATH": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class Refused(ValueError):
+    """A file tool will not touch this path (symlink, special file, outside /work)."""
 
 
 def oom_kills():
@@ -69,7 +108,10 @@ def others():
 
 
 def kill_all(deadline_s=3.0):
-    """SIGKILL every other process in the container (kill(-1) spares only ourselves) until none is left."""
+    """SIGKILL every other process in the container (kill(-1) spares only ourselves) until none is left.
+
+    Root with CAP_KILL may signal every process, setsid'd or not.
+    """
     end = time.monotonic() + deadline_s
     while True:
         try:
@@ -84,18 +126,163 @@ def kill_all(deadline_s=3.0):
         time.sleep(0.005)
 
 
-def in_work(path):
-    full = os.path.normpath(os.path.join(WORK, path))
-    if not (full == WORK or full.startswith(WORK + "/") or full.startswith("/tmp/")):
-        raise ValueError(f"path {path!r} is outside {WORK} and /tmp")
-    return full
+@contextlib.contextmanager
+def as_user():
+    """Act on the filesystem and IPC objects as the sandbox user (effective ids only).
+
+    The real and saved uid stay 0, so user code still cannot signal or ptrace the server.
+    """
+    os.setegid(USER)
+    os.seteuid(USER)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
-def write(path, data):
-    full = in_work(path)
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    with open(full, "wb") as f:
-        f.write(data)
+def parts_of(path):
+    """`path` as components below /work; refuses absolute paths elsewhere, `..` and empty names.
+
+    >>> parts_of("a/./b.txt"), parts_of("/work/c")
+    (['a', 'b.txt'], ['c'])
+    """
+    rel = path[len(WORK) + 1:] if path.startswith(WORK + "/") else path
+    parts = [p for p in rel.split("/") if p != "."]
+    if not rel or rel.startswith("/") or "\0" in rel or not parts or any(p in ("", "..") for p in parts):
+        raise Refused(f"{path!r} is not a path inside {WORK} (absolute paths elsewhere and '..' are refused)")
+    return parts
+
+
+def kind(st):
+    return {stat.S_IFLNK: "a symlink", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
+            stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
+
+
+def refuse(where, dir_fd, name):
+    """The Refused error that says what `where` (ending in `name`) is, after an open refused it."""
+    try:
+        what = kind(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+    except OSError:
+        what = "not a regular file"
+    return Refused(f"{where} is {what}; file tools only follow real directories to regular files")
+
+
+def open_dir(parts, create):
+    """An O_PATH fd of /work/<parts...>, each component opened O_NOFOLLOW (mkdir'd if `create`)."""
+    fd = os.open(WORK, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for i, name in enumerate(parts):
+            if create:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                nfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise refuse("/".join(parts[: i + 1]), fd, name) from None
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_file(path, flags, create=False, fresh=False):
+    """Open a regular file below /work as the user, never through a symlink or onto a FIFO/socket.
+
+    `fresh` first removes whatever is at the path (file, symlink, directory tree), and anything
+    that would shadow it as a Python module, then creates it anew.
+    """
+    parts = parts_of(path)
+    with as_user():
+        dfd = open_dir(parts[:-1], create)
+        try:
+            name = parts[-1]
+            if fresh:
+                for entry in (name, *shadows(name)):
+                    remove_at(dfd, entry)
+                flags |= os.O_EXCL
+            try:
+                fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+                             | (os.O_CREAT if create else 0), 0o644, dir_fd=dfd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENOTDIR):
+                    raise refuse("/".join(parts), dfd, name) from None
+                raise
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise Refused(f"{'/'.join(parts)} is {kind(st)}; file tools only read and write regular files")
+            return fd
+        finally:
+            os.close(dfd)
+
+
+def write(path, data, fresh=False):
+    fd = open_file(path, os.O_WRONLY, create=True, fresh=fresh)
+    try:
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def read(path, cap):
+    fd = open_file(path, os.O_RDONLY)
+    try:
+        chunks, got = [], 0
+        while got <= cap:
+            chunk = os.read(fd, min(1 << 20, cap + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def remove_at(dir_fd, name):
+    """Remove `name` (a file, symlink or whole tree, whatever its modes) in `dir_fd`; never follows links.
+
+    Runs only when no user process is alive (reset, check), so nothing can swap a directory for a
+    link between the stat and the open; O_NOFOLLOW guards that anyway.
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(name, 0o700, dir_fd=dir_fd)  # the user owns it: a `chmod 000` dir must not stop the wipe
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        for entry in os.listdir(fd):
+            remove_at(fd, entry)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def shadows(name):
+    """Entries beside a check module `name.py` that Python's import would pick before it.
+
+    >>> shadows("helper.py")[0], shadows("helper.py")[-1]
+    ('helper', 'helper.so')
+    """
+    if not name.endswith(".py"):
+        return []
+    stem = name[:-3]
+    return [stem, *(stem + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES)]
 
 
 LIBC = ctypes.CDLL(None)
@@ -103,12 +290,21 @@ PR_SET_DUMPABLE = 4
 
 
 def child_setup():
-    # The server is non-dumpable (see main) and children inherit that; make them ordinary again,
-    # else /proc/self is root-owned and they cannot even raise their own oom_score_adj.
-    LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
-    # Children are the OOM killer's first choice, so a memory bomb never takes the server down.
+    """In a forked child, after its fds were replaced: become the sandbox user for good.
+
+    Order matters: oom_score_adj is raised while still root (children are the OOM killer's first
+    choice, so a memory bomb never takes the server down), then groups, gid and uid are dropped
+    (setuid from root with CAP_SETUID sets all three uids and clears every capability), then the
+    child is made dumpable again so its own /proc/self belongs to it.
+    """
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
+    os.setgroups([])
+    os.setgid(USER)
+    os.setuid(USER)
+    if os.getuid() != USER or os.geteuid() != USER or os.getegid() != USER:
+        raise PermissionError("could not drop to the sandbox user")
+    LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
 
 
 def run_python(code):
@@ -154,7 +350,7 @@ def run_python(code):
     os._exit(status)
 
 
-def spawn(req):
+def spawn(req, env):
     """fork a child in its own session with fresh pipes; it execs argv or runs Python code in place.
 
     Returns (pid, stdin write fd, stdout read fd, stderr read fd).
@@ -164,21 +360,21 @@ def spawn(req):
     if pid == 0:  # child: never return from here
         try:
             os.setsid()
-            child_setup()
             os.dup2(pipes[0][0], 0)
             os.dup2(pipes[1][1], 1)
             os.dup2(pipes[2][1], 2)
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the host channel was fds 0 and 1, now replaced
+            child_setup()  # only now, with no protocol fd left, does the child become the user
             os.chdir(WORK)
             os.environ.clear()
-            os.environ.update(ENV)
+            os.environ.update(env)
             for sig in (signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(sig, signal.SIG_DFL)
             if req.get("python") is not None:
                 signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python3 sets it at start-up
                 run_python(req["python"])
             argv = req["argv"]
-            os.execvpe(argv[0], argv, ENV)
+            os.execvpe(argv[0], argv, env)
         except BaseException as e:  # noqa: BLE001 -- e.g. command not found
             try:
                 os.write(2, f"{e}\n".encode())
@@ -200,7 +396,7 @@ def wait_status(pid, block):
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def run(req):
+def run(req, env=ENV):
     for path, data in (req.get("files") or {}).items():
         write(path, base64.b64decode(data))
     cap = int(req.get("max_output", 1 << 20))
@@ -209,7 +405,7 @@ def run(req):
     oom_before = oom_kills()
     start = time.monotonic()
     try:
-        pid, in_fd, out_fd, err_fd = spawn(req)
+        pid, in_fd, out_fd, err_fd = spawn(req, env)
     except OSError as e:  # e.g. EAGAIN when the pids limit is exhausted
         return {"ok": True, "stdout": "", "stderr": base64.b64encode(f"sandbox: {e}\n".encode()).decode(),
                 "exit_code": 126, "timed_out": False, "oom_killed": False, "truncated": False,
@@ -297,20 +493,91 @@ def run(req):
     }
 
 
-def reset():
-    ok = kill_all()
-    for d in SCRATCH:
-        for name in os.listdir(d):
-            p = os.path.join(d, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
+def remove_sysv_ipc():
+    """IPC_RMID every SysV shared memory segment, message queue and semaphore set (as their creator)."""
+    ipc_rmid = 0
+    rm = {"shm": lambda i: LIBC.shmctl(i, ipc_rmid, None), "msg": lambda i: LIBC.msgctl(i, ipc_rmid, None),
+          "sem": lambda i: LIBC.semctl(i, 0, ipc_rmid)}
+    for name, remove in rm.items():
+        for ident in sysv_ids(name):
+            remove(ident)
+
+
+def sysv_ids(name):
+    """Ids of the SysV objects of one kind in this IPC namespace (/proc/sysvipc lists them all)."""
+    with open(f"/proc/sysvipc/{name}") as f:
+        return [int(line.split()[1]) for line in f.read().splitlines()[1:] if line.strip()]
+
+
+def user_xattrs(path):
+    return [a for a in os.listxattr(path, follow_symlinks=False) if a.startswith("user.")]
+
+
+def wipe():
+    """As the user: restore /work and /tmp (empty, mode 1777, no xattrs), empty /dev/shm and /dev/mqueue,
+    remove SysV IPC objects. Errors are left for `verify` to find."""
+    with as_user():
+        for d in SCRATCH + IPC_DIRS:
+            try:
+                if d in SCRATCH:
+                    os.chmod(d, 0o1777)  # the user owns its tmpfs roots and may have chmod-ed them
+                    for attr in user_xattrs(d):
+                        os.removexattr(d, attr)
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 try:
-                    os.unlink(p)
-                except OSError:
-                    pass
-    left = [n for d in SCRATCH for n in os.listdir(d)]
-    return {"ok": ok and not left, "error": None if ok and not left else f"reset left {left or 'processes'}"}
+                    for name in os.listdir(fd):
+                        remove_at(fd, name)
+                finally:
+                    os.close(fd)
+            except (OSError, RecursionError):
+                pass
+        remove_sysv_ipc()
+
+
+def verify():
+    """What a reset promises, checked as root after the wipe; a list of what is not so."""
+    problems = [f"process {pid} survived" for pid in others()]
+    for d in SCRATCH + IPC_DIRS:
+        try:
+            left = os.listdir(d)
+            st = os.stat(d, follow_symlinks=False)
+        except OSError as e:
+            problems.append(f"{d}: {e}")
+            continue
+        if left:
+            problems.append(f"{d} still holds {sorted(left)[:5]}")
+        if d in SCRATCH:
+            if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (USER, USER, 0o1777):
+                problems.append(f"{d} is {st.st_uid}:{st.st_gid} mode {stat.S_IMODE(st.st_mode):o}")
+            attrs = user_xattrs(d)
+            if attrs:
+                problems.append(f"{d} keeps xattrs {attrs}")
+    for name in ("shm", "msg", "sem"):
+        if sysv_ids(name):
+            problems.append(f"SysV {name} objects survived")
+    return problems
+
+
+def reset():
+    """Bring the container back to the state a fresh one starts in, or say why it is not."""
+    killed = kill_all()
+    wipe()
+    problems = verify() if killed else ["processes survived SIGKILL"]
+    return {"ok": not problems, "error": "; ".join(problems) or None}
+
+
+def check(req):
+    """A task's check: kill every process of the session, write the check's files fresh, run it in CHECK_ENV.
+
+    Killing first means no background process (setsid'd or not) can rewrite a file after it is
+    written; `fresh` replaces whatever the agent left at each path (a symlink is removed, never
+    followed) and removes entries that would shadow a check module on import.
+    """
+    if not kill_all():
+        return {"ok": False, "error": "could not kill the session's processes before the check"}
+    for path, data in (req.get("files") or {}).items():
+        write(path, base64.b64decode(data), fresh=True)
+    return run({**req, "files": None}, env=CHECK_ENV)
 
 
 def handle(req):
@@ -323,24 +590,34 @@ def handle(req):
         write(req["path"], base64.b64decode(req["data"]))
         return {"ok": True}
     if op == "read":
-        with open(in_work(req["path"]), "rb") as f:
-            data = f.read(int(req.get("max_bytes", 1 << 20)) + 1)
         cap = int(req.get("max_bytes", 1 << 20))
+        data = read(req["path"], cap)
         return {"ok": True, "data": base64.b64encode(data[:cap]).decode(), "truncated": len(data) > cap}
+    if op == "kill":
+        return {"ok": kill_all()}
+    if op == "check":
+        return check(req)
     if op == "reset":
         return reset()
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 
 def main():
-    LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace by same-uid code; /proc/1/* root-owned
+    LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # belt and braces: /proc/1/* root-owned, no ptrace
+    os.setgroups([])  # root's supplementary groups would follow the server into `as_user`
+    os.umask(0o022)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     for line in inp:
+        req = {}
         try:
-            reply = handle(json.loads(line))
+            req = json.loads(line)
+            reply = handle(req)
+        except Refused as e:
+            reply = {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001 -- any failure becomes a reply, never a dead server
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        reply["id"] = req.get("id") if isinstance(req, dict) else None
         out.write(json.dumps(reply).encode() + b"\n")
         out.flush()
 

@@ -68,3 +68,12 @@ def test_every_shipped_task_is_solved_by_its_scripted_policy(task, tmp_path):
 def test_ps_and_gc_run():
     assert sandbox("ps").stdout.startswith("NAME")
     assert sandbox("gc").stdout.startswith("removed ")
+
+
+@pytest.mark.parametrize("value", ["inf", "-1", "nan", "0"])
+def test_a_bad_timeout_is_one_line_naming_it_and_exit_2(value):
+    r = sandbox("run", "--timeout", value, "-c", "print(1)")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [f"sandbox: error: --timeout {value} is not allowed: "
+                                             "give a number of seconds in (0, 3600]"]
+    assert sandbox("run", "-c", "print(1)").stdout == "1\n"
