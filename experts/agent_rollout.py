@@ -3,7 +3,8 @@
 The model writes reasoning and one XML tool call per turn (`sandbox.toolcall`); the call runs in
 the episode's session and its output comes back as a `tool` turn; the episode ends when the model
 answers without a call, or at a turn or token limit. Then the task's `check` runs in the same
-session and decides the reward (1.0 if it exits 0), which `rewards.agent` reads from
+session (`sandbox.episode.run_check`: the episode's processes killed, check files rewritten, a
+clean environment) and decides the reward (1.0 if it exits 0), which `rewards.agent` reads from
 `meta["episode"]`.
 
 Everything is kept as tokens, never re-rendered: the training row is exactly the context the
@@ -108,10 +109,12 @@ def _act(ep: _Episode, text: str, agent: AgentConfig) -> str | None:
 
 
 def _close(ep: _Episode) -> None:
+    from sandbox.episode import run_check
+
     if ep.session is None:  # setup never got a container
         return
     try:
-        r = ep.session.exec(ep.task.check, timeout=ep.task.timeout_s)
+        r = run_check(ep.session, ep.task)  # the hardened check both episode loops share
         ep.check = r.to_dict()
         ep.check["ok"] = r.ok
     finally:

@@ -92,8 +92,9 @@ def agent_samples(n: int, seed: int = 0, system: str | None = None) -> list[dict
             prompt = f"Count the lines of {name} and write the count to answer.txt."
             setup = {"commands": [f"seq {v} > {name}"]}
             call = toolcall.format_call("bash", command=f"wc -l < {name} > answer.txt")
+        # The check reads only the agent's answer.txt (its output, not a file we provide): no check files.
         task = {"name": f"agent-{seed}-{i}", "prompt": prompt, "setup": setup, "max_turns": 3, "timeout_s": 10.0,
-                "check": f'test "$(cat answer.txt)" = {v}'}
+                "check": f'test "$(cat answer.txt)" = {v}', "check_files": []}
         out.append({"id": task["name"], "domain": "agent", "answer": None, "completion": NO_THINK + call,
                     "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
                     "meta": {"task": task}})

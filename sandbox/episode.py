@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from sandbox import toolcall
-from sandbox.container import Result, SandboxError
+from sandbox.container import MAX_TIMEOUT_S, Result, SandboxError
 from sandbox.pool import SandboxPool, Session
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,27 @@ class Task(BaseModel):
     name: str = Field(description="Short identifier, used in logs and transcripts.")
     prompt: str = Field(description="The user message that states the task.")
     setup: Setup = Field(default_factory=Setup, description="Sandbox state before the first turn.")
-    check: str = Field(description="bash command run in the same session after the last turn; exit 0 means solved (reward 1.0).")
+    check: str = Field(description=(
+        "bash command run in the episode's session after the last turn, once every process of the episode is "
+        "killed and `check_files` are rewritten; exit 0 means solved (reward 1.0). It runs with a fixed PATH and "
+        "environment: no HOME, no user site-packages, and Python does not put the script's directory on "
+        "sys.path (PYTHONSAFEPATH), so a Python check appends /work itself to import the agent's solution."))
+    check_files: list[str] = Field(default_factory=list, description=(
+        "Paths from setup.files that the check depends on; each is written fresh from setup.files just before "
+        "the check, over whatever the agent left there (a symlink is replaced, not followed)."))
     max_turns: int = Field(8, ge=1, description="Assistant turns before the episode is cut off.")
-    timeout_s: float = Field(10.0, gt=0, description="Wall-clock timeout of each tool call and of the check.")
+    timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="Wall-clock timeout of each tool call and of the check.")
     scripted_turns: list[str] = Field(default_factory=list, description="Assistant messages the scripted policy replays, in order.")
+
+    @field_validator("check_files")
+    @classmethod
+    def _check_files_come_from_setup(cls, paths: list[str], info: ValidationInfo) -> list[str]:
+        setup = info.data.get("setup")
+        files = setup.files if setup is not None else {}
+        for path in paths:
+            if path not in files:
+                raise ValueError(f"{path!r} is not in setup.files; a check file's content comes from there")
+        return paths
 
 
 def load_task(path: str | Path) -> Task:
@@ -165,6 +182,22 @@ def execute(session: Session, call: toolcall.ToolCall, timeout: float) -> str:
     return f"error: tool {call.name} has no executor"
 
 
+def run_check(session: Session, task: Task) -> Result:
+    """Score what the agent left: the task's check, hardened against the agent that ran before it.
+
+    In the episode's own session (the check must see the agent's files), but first every process
+    of the episode is killed (background and setsid'd ones too), then `task.check_files` are
+    written fresh from `setup.files`, then the check runs with a fixed PATH and a clean
+    environment (see `Task.check`). Nothing the agent did can change the verdict except its
+    solution files. The one call both episode loops use (`run_episode`, `experts.agent_rollout`).
+    """
+    files = {path: task.setup.files[path] for path in task.check_files}
+    try:
+        return session.check(task.check, files=files, timeout=task.timeout_s)
+    except SandboxError as e:
+        return Result.failed(f"check could not run: {e}")
+
+
 def run_episode(
     task: Task,
     policy: Policy,
@@ -180,7 +213,8 @@ def run_episode(
     timings: dict[str, float] = {"generate": 0.0, "execute": 0.0}
     turns = 0
     # One session for setup, every turn and the final check: the container and its lease live
-    # for the whole episode, so the check sees exactly what the agent left behind.
+    # for the whole episode, so the check sees the agent's solution (and, by `run_check`, nothing
+    # else the agent left behind).
     with pool.session(trajectory=trajectory) as s:
         for path, content in task.setup.files.items():
             s.write_file(path, content)
@@ -203,7 +237,7 @@ def run_episode(
                 obs = execute(s, parsed.calls[0], task.timeout_s)
                 timings["execute"] += time.monotonic() - t0
             messages.append(toolcall.tool_message(obs))
-        check = s.exec(task.check, timeout=task.timeout_s)
+        check = run_check(s, task)
     reward = 1.0 if check.ok else 0.0
     log.info("episode %s: %d turn(s), reward %.1f, generate %.2fs, execute %.2fs",
              task.name, turns, reward, timings["generate"], timings["execute"])

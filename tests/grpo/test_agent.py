@@ -129,3 +129,24 @@ def test_eval_scores_agent_tasks_by_greedy_episodes(agent_data):
     result = score_model(str(root / "base"), samples, cfg)
     assert result["n"] == 3 and 0.0 <= result["score"] <= 1.0
     assert result["examples"][0]["completion"][0]["role"] == "assistant"  # the episode's turns, as messages
+
+
+def test_a_rollout_that_games_the_check_scores_zero(agent_data, pool):
+    """Rollouts score with the same hardened check as `sandbox.episode` (`run_check`): a background
+    process that keeps rewriting fix_bug's test is killed and the test is written fresh."""
+    from pathlib import Path
+
+    from sandbox.episode import load_task
+
+    _, tok, _ = agent_data
+    task = load_task(Path(__file__).resolve().parents[2] / "sandbox" / "tasks" / "fix_bug.yaml")
+    sample = {"id": "fix-bug", "domain": "agent", "answer": None, "meta": {"task": task.model_dump()},
+              "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task.prompt}]}
+    cheat = toolcall.format_call("bash", command="setsid bash -c 'while :; do echo \"print(1)\" > test_stats.py; "
+                                                 "sleep 0.01; done' </dev/null >/dev/null 2>&1 &")
+    backend = ScriptedBackend(tok, [cheat, "Done."])
+    rollouts = run_episodes(backend, tok, [sample], 0, RolloutConfig(group_size=2, reasoning="non_think"),
+                            AgentConfig(max_turns=2, max_total_tokens=4096), pool)
+    for r in rollouts:
+        assert r.turns == 2 and r.episode["reward"] == 0.0, r.episode["check"]
+        assert "AssertionError" in r.episode["check"]["stderr"]  # the real test ran on the unfixed stats.py

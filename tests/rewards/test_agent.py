@@ -31,3 +31,10 @@ def test_a_rolled_out_episode_is_scored_without_running_again(pool):
     episode = run_episode(task, ScriptedPolicy(task.scripted_turns), pool)
     [r] = AgentReward(step_penalty=0.05)([{"completion": "", "meta": {"episode": episode}}])
     assert r.score == pytest.approx(1.0 - 0.05 * episode["turns"]) and r.details["solved"] == 1.0
+
+
+def test_replayed_turns_that_rewrite_the_test_score_zero(pool):
+    fix_bug = str(Path(TASK).with_name("fix_bug.yaml"))
+    cheat = format_call("bash", command="echo 'print(\"ok\")' > test_stats.py")
+    [r] = AgentReward(pool=pool)([{"id": "cheat", "completion": cheat, "meta": {"task": fix_bug}}])
+    assert r.score == 0.0 and r.reason == "check failed (exit code 1)"
