@@ -1,35 +1,26 @@
 """Stage `sft`: supervised fine-tuning of one domain expert, loss on assistant tokens only.
 
-Set-up (tokenise, plan batches, start the learner actor), one loop of optimizer steps, save.
-The learner is a Ray actor over `SFTLearner`, a plain class that tests also call directly.
+Set-up (tokenise, plan batches, start the learner group), one loop of optimizer steps, save.
+The learner is a `learner.WorkerGroup` (`learner:` block: workers, FSDP2 or DDP, dtype); the loop
+hands it each step's rows and `sft_loss`, and never knows how many workers there are.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-from pathlib import Path
-from typing import Literal
 
-import ray
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from experts.data import DataConfig, load_samples
-from experts.models import load_model, load_tokenizer, save_checkpoint
-from experts.train import (
-    autocast,
-    check_finite,
-    latest_checkpoint,
-    load_train_state,
-    make_optimizer,
-    pick_device,
-    save_train_state,
-    set_threads,
-    truncate_metrics,
-)
+from experts.models import load_tokenizer
+from learner.batching import batch_plan
+from learner.checkpoint import latest_checkpoint, truncate_metrics
+from learner.config import LearnerConfig
+from learner.group import WorkerGroup
+from learner.optim import Optim
 from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens
 from pipeline.context import MODEL_DIR, StageContext, timer
 
@@ -54,11 +45,10 @@ class Config(StageConfig):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays the LR to lr * min_lr_ratio.")
     weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay (at most 10).")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on a GPU that has it, else fp32.")
     save_every: Steps = Field(50, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
-    threads: int = Field(0, ge=0, le=4096, description="CPU threads for the learner (0: all cores).")
-    num_cpus: float = Field(1, gt=0, le=4096, description="CPUs the learner actor reserves in Ray.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Workers, sharding and dtype of "
+                                   "the trainer; batch_size is per worker, batch_size x grad_accum rows per step.")
 
     @model_validator(mode="after")
     def _batch_fits(self):
@@ -119,17 +109,6 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batch_plan(n_rows: int, per_step: int, steps: int, seed: int) -> list[list[int]]:
-    """Row indices for every step: shuffled epochs back to back, fixed by `seed` (so resumable)."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < steps * per_step:
-        epoch = list(range(n_rows))
-        rng.shuffle(epoch)
-        order.extend(epoch)
-    return [order[s * per_step : (s + 1) * per_step] for s in range(steps)]
-
-
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -138,49 +117,23 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return loss, int((labels != IGNORE).sum())
 
 
-class SFTLearner:
-    """Holds the model and optimizer; one `train_step` is one optimizer step over micro-batches."""
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The learner objective: summed cross-entropy over labelled tokens (the group divides by all of them)."""
+    loss, n = token_loss_sum(model, batch)
+    return loss, {"tokens": n}
 
-    def __init__(self, model_path: str, cfg: Config, resume_from: str | None = None):
-        set_threads(cfg.threads)
-        self.cfg, self.device = cfg, pick_device()
-        self.tokenizer = load_tokenizer(resume_from or model_path)
-        self.model = load_model(resume_from or model_path).to(self.device)
-        self.opt, self.sched = make_optimizer(
-            self.model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
-        )
-        self.step = load_train_state(resume_from, self.opt, self.sched) if resume_from else 0
 
-    def get_step(self) -> int:
-        return self.step
+def optim(cfg: Config) -> Optim:
+    return Optim(lr=cfg.lr, total_steps=cfg.steps, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                 min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm)
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Token-weighted gradient accumulation: every labelled token counts once, whatever its micro-batch."""
-        self.model.train()
-        n_total = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
-        loss_total = 0.0
-        for mb in micro_batches:
-            mb = {k: v.to(self.device) for k, v in mb.items()}
-            with autocast(self.cfg.precision, self.device):
-                loss_sum, _ = token_loss_sum(self.model, mb)
-            (loss_sum / max(1, n_total)).backward()
-            loss_total += loss_sum.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        check_finite(f"step {self.step + 1}", loss=loss_total / max(1, n_total), grad_norm=grad_norm)
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step += 1
-        return {"loss": loss_total / max(1, n_total), "grad_norm": float(grad_norm), "lr": lr, "tokens": n_total}
 
-    def save(self, checkpoint_dir: str) -> str:
-        ckpt = save_train_state(Path(checkpoint_dir), self.model, self.tokenizer, self.opt, self.sched,
-                                self.step, self.cfg.keep_checkpoints)
-        return str(ckpt)
-
-    def save_final(self, path: str) -> str:
-        return str(save_checkpoint(self.model, self.tokenizer, path))
+def train_step(group: WorkerGroup, rows: list[tuple[list[int], list[int]]], cfg: Config, pad_id: int) -> dict[str, float]:
+    """One optimizer step on `rows`: every labelled token counts once, whichever worker and micro-batch has it."""
+    batch = collate(rows, pad_id)
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    out = group.train_step(batch, sft_loss, denominator=max(1, n), micro_batch_size=cfg.batch_size)
+    return {"loss": out["loss"] / max(1, n), "grad_norm": out["grad_norm"], "lr": out["lr"], "tokens": n}
 
 
 def run(cfg: Config, ctx: StageContext) -> None:
@@ -190,8 +143,8 @@ def run(cfg: Config, ctx: StageContext) -> None:
     rows = build_rows(tok, samples, cfg.max_len, cfg.packing)
     plan = batch_plan(len(rows), cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
     resume = latest_checkpoint(ctx.checkpoint_dir)
-    learner = ray.remote(num_cpus=cfg.num_cpus)(SFTLearner).remote(str(model_path), cfg, str(resume) if resume else None)
-    start = ray.get(learner.get_step.remote())
+    group = WorkerGroup(str(model_path), cfg.learner, optim(cfg), resume=str(resume) if resume else None, name=ctx.name)
+    start = group.step
     if resume:
         truncate_metrics(ctx.out_dir, start)
         log.info("resuming %s from %s (step %d of %d)", ctx.name, resume.name, start, cfg.steps)
@@ -200,17 +153,13 @@ def run(cfg: Config, ctx: StageContext) -> None:
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=ctx.name, mininterval=2.0)
     for step in bar:
         times: dict[str, float] = {}
-        with timer("data", times):
-            idx = plan[step]
-            micro = [collate([rows[i] for i in idx[j : j + cfg.batch_size]], tok.pad_token_id)
-                     for j in range(0, len(idx), cfg.batch_size)]
         with timer("train", times):
-            metrics = ray.get(learner.train_step.remote(micro))
+            metrics = train_step(group, [rows[i] for i in plan[step]], cfg, tok.pad_token_id)
         ctx.log_metrics(step + 1, {**metrics, **times})
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             with timer("save", times):
-                ray.get(learner.save.remote(str(ctx.checkpoint_dir)))
+                group.save(ctx.checkpoint_dir, cfg.keep_checkpoints)
 
-    ray.get(learner.save_final.remote(str(ctx.out_dir / MODEL_DIR)))
-    ray.kill(learner)
+    group.save_hf(ctx.out_dir / MODEL_DIR, str(model_path))
+    group.close()

@@ -44,8 +44,20 @@ class WorkerGroup:
     """`cfg.workers` LearnerWorker actors in one placement group, joined by torch.distributed."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, optim: Optim | None = None, *,
-                 loader: Loader = default_loader, resume: str | None = None, name: str = "learner"):
-        self.cfg, self.name, self.model_path = cfg, name, str(model_path)
+                 loader: Loader = default_loader, resume: str | None = None, name: str = "learner",
+                 local: bool = False):
+        """`local=True` runs one rank in this very process, without Ray (tests, benchmarks, notebooks):
+        the same LearnerWorker and batching, called directly."""
+        self.cfg, self.name, self.model_path, self.local = cfg, name, str(model_path), local
+        self.pg = None
+        if local:
+            if cfg.workers != 1:
+                raise UserError(f"{name}: a local learner runs one worker in this process; learner.workers is {cfg.workers}")
+            from learner.worker import free_port
+
+            self.workers, self.nodes = [LearnerWorker()], ["rank 0 (this process)"]
+            self.step = self.workers[0].setup(0, 1, "127.0.0.1", free_port(), self.model_path, cfg, optim, loader, resume)
+            return
         self._check_resources()
         bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
         self.pg = placement_group([bundle] * cfg.workers, strategy="STRICT_SPREAD" if cfg.placement == "spread" else "PACK")
@@ -82,6 +94,8 @@ class WorkerGroup:
     # -- calls ---------------------------------------------------------------------------------
     def _call(self, method: str, *args: Any, per_rank: list[tuple] | None = None) -> list[Any]:
         """`method` on every rank; the results in rank order. A dead rank fails the call at once."""
+        if self.local:
+            return [getattr(self.workers[0], method)(*(per_rank[0] if per_rank else args))]
         futures = [getattr(w, method).remote(*(per_rank[i] if per_rank else args)) for i, w in enumerate(self.workers)]
         rank_of = {f: i for i, f in enumerate(futures)}
         pending, results = list(futures), {}
@@ -144,6 +158,8 @@ class WorkerGroup:
     def full_state_dict(self) -> ray.ObjectRef:
         """A reference to the whole model in HF names (gathered on rank 0), put in the object store
         once by rank 0; rollout workers fetch it from there, the driver never holds a copy."""
+        if self.local:  # a snapshot: on one CPU rank the gathered tensors can share the live weights' memory
+            return {k: v.clone() for k, v in self.workers[0].full_state_dict().items()}
         return self._call("full_state_dict_ref")[0][0]
 
     def save(self, checkpoint_dir: Path, keep: int, extra: dict | None = None) -> Path:
@@ -162,6 +178,8 @@ class WorkerGroup:
         return Path(path)
 
     def close(self) -> None:
+        if self.local:
+            return  # the process group of a local rank lives as long as the process
         for w in getattr(self, "workers", []):
             try:
                 ray.kill(w)

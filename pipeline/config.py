@@ -32,6 +32,11 @@ class UserError(Exception):
     """A mistake in the user's input. The CLI prints it as one line, without a traceback."""
 
 
+# Per-stage trainer fields that moved into the `learner:` block (learner.config.LearnerConfig).
+MOVED_TO_LEARNER = {"threads": "threads", "num_cpus": "cpus_per_worker", "num_gpus": "gpus_per_worker",
+                    "precision": "dtype' or 'learner.mixed_precision"}
+
+
 class StageFailed(RuntimeError):
     """A stage could not finish for a reason outside the user's input (a worker died, say); the CLI
     prints it as one line and exits 1."""
@@ -305,6 +310,8 @@ def _one_line(e: ValidationError, cls: type[BaseModel], where: str, prefix: str)
         known = _fields_at(cls, err["loc"][:-1])
         field = str(err["loc"][-1])
         hint = _did_you_mean(field, known) if known else ""
+        if field in MOVED_TO_LEARNER and "learner" in known:
+            hint = f" (moved: did you mean 'learner.{MOVED_TO_LEARNER[field]}'?)"
         listing = f"; expected one of {', '.join(sorted(known))}" if known and not hint else ""
         return f"{where}: {dotted}: unknown field{hint}{listing}"
     if err["type"] == "missing":

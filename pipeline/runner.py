@@ -99,13 +99,28 @@ def workflow_lock(wf_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
+# `learner:` fields that say where and how a trainer runs, not what it computes: a run may resume
+# (or be skipped as done) with more or fewer workers. dtype and mixed_precision change the numbers.
+HOW_NOT_WHAT = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "placement", "strategy",
+                "activation_checkpointing", "collective_timeout_s")
+
+
 def stage_record(stage: Stage) -> dict:
-    """What defines a stage's result: written as config.yaml and hashed into DONE.json."""
+    """The stage's resolved config, written as config.yaml."""
     return {"kind": stage.kind, "needs": list(stage.needs), "config": stage.config.model_dump(mode="json")}
 
 
+def defining(record: dict) -> dict:
+    """What defines a stage's result (hashed into DONE.json): the record less the learner's resources."""
+    learner = record.get("config", {}).get("learner")
+    if not isinstance(learner, dict):
+        return record
+    kept = {k: v for k, v in learner.items() if k not in HOW_NOT_WHAT}
+    return {**record, "config": {**record["config"], "learner": kept}}
+
+
 def config_hash(stage: Stage) -> str:
-    return hashlib.sha256(json.dumps(stage_record(stage), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(defining(stage_record(stage)), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_done(stage: Stage, out_dir: Path) -> bool:
@@ -154,7 +169,7 @@ def run_stage(wf: Workflow, stage: Stage, dirs: dict[str, Path]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = yaml.safe_dump(stage_record(stage), sort_keys=False)
     previous = out / CONFIG_FILE
-    if previous.exists() and previous.read_text() != record:
+    if previous.exists() and defining(yaml.safe_load(previous.read_text()) or {}) != defining(stage_record(stage)):
         raise UserError(
             f"stage {stage.name!r} has a partial run with a different config in {out}; rerun with --force"
         )

@@ -47,17 +47,21 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 def quick_sft(base: Path, data, out: Path, steps: int, max_len: int, lr: float = 3e-3) -> Path:
-    """An SFT checkpoint trained in-process with the plain learner (no Ray), for tests that need one."""
+    """An SFT checkpoint trained in this process by a local learner (no Ray), for tests that need one."""
     import torch
 
+    from experts import sft
     from experts.data import load_samples
-    from experts.sft import Config, SFTLearner, batch_plan, build_rows, collate
+    from experts.models import load_tokenizer
+    from learner.batching import batch_plan
+    from learner.group import WorkerGroup
 
     torch.manual_seed(0)
-    learner = SFTLearner(str(base), Config(model=str(base), steps=steps, batch_size=16, lr=lr, warmup_steps=5))
-    pad = learner.tokenizer.pad_token_id
-    rows = build_rows(learner.tokenizer, load_samples(data), max_len, packing=False)
+    cfg = sft.Config(model=str(base), steps=steps, batch_size=16, lr=lr, warmup_steps=5)
+    group = WorkerGroup(str(base), cfg.learner, sft.optim(cfg), local=True)
+    tok = load_tokenizer(base)
+    rows = sft.build_rows(tok, load_samples(data), max_len, packing=False)
     for idx in batch_plan(len(rows), 16, steps, seed=0):
-        learner.train_step([collate([rows[i] for i in idx], pad)])
-    learner.save_final(str(out))
+        sft.train_step(group, [rows[i] for i in idx], cfg, tok.pad_token_id)
+    group.save_hf(out, str(base))
     return out

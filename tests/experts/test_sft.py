@@ -6,7 +6,10 @@ import torch
 
 from experts.data import DataConfig, load_samples
 from experts.models import load_model, load_tokenizer
-from experts.sft import IGNORE, Config, SFTLearner, batch_plan, build_rows, collate, encode_sft
+from experts import sft
+from experts.sft import IGNORE, Config, build_rows, collate, encode_sft
+from learner.batching import batch_plan
+from learner.group import WorkerGroup
 from tests.conftest import ARITH
 
 
@@ -37,19 +40,18 @@ def test_batch_plan_is_fixed_by_seed_so_a_resumed_run_sees_the_same_batches():
 
 def test_sft_loss_falls_by_half_in_a_cpu_minute(tiny_base):
     cfg = Config(model=str(tiny_base), steps=60, batch_size=16, grad_accum=2, lr=3e-3, warmup_steps=5)
-    learner = SFTLearner(str(tiny_base), cfg)  # the plain class behind the Ray actor
-    tok = learner.tokenizer
+    group = WorkerGroup(str(tiny_base), cfg.learner, sft.optim(cfg), local=True)  # one rank, in this process
+    tok = load_tokenizer(tiny_base)
     rows = build_rows(tok, load_samples(DataConfig(**ARITH)), cfg.max_len, packing=False)
-    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    before = group.full_state_dict()
     losses = []
     for idx in batch_plan(len(rows), cfg.batch_size * cfg.grad_accum, cfg.steps, seed=0):
-        micro = [collate([rows[i] for i in idx[j : j + cfg.batch_size]], tok.pad_token_id)
-                 for j in range(0, len(idx), cfg.batch_size)]
-        losses.append(learner.train_step(micro)["loss"])
+        losses.append(sft.train_step(group, [rows[i] for i in idx], cfg, tok.pad_token_id)["loss"])
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     print(f"sft loss: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last <= 0.5 * first
-    changed = [k for k, v in learner.model.state_dict().items() if not torch.equal(v, before[k])]
+    after = group.full_state_dict()
+    changed = [k for k, v in after.items() if not torch.equal(v, before[k])]
     assert len(changed) == len(before)
 
 

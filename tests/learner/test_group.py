@@ -1,0 +1,79 @@
+"""A learner group of 2 workers takes the very step 1 worker takes, and fails loudly, never hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from experts import sft
+from experts.data import DataConfig, load_samples
+from experts.models import load_model, load_tokenizer
+from learner.config import LearnerConfig
+from learner.group import WorkerFailed, WorkerGroup
+from pipeline.config import UserError
+from tests.conftest import ARITH
+
+
+@pytest.fixture
+def ray_cluster(ray_session):
+    if ray.cluster_resources().get("CPU", 0) < 2:
+        pytest.skip("needs 2 CPUs in the embedded Ray")
+    return ray_session
+
+
+def sft_rows(base, n=12):
+    tok = load_tokenizer(base)
+    return tok, sft.build_rows(tok, load_samples(DataConfig(**ARITH))[:n], 64, packing=False)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_model(path).state_dict()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_workers_take_the_same_sft_step_as_one(ray_cluster, tiny_base, tmp_path, strategy):
+    tok, rows = sft_rows(tiny_base)
+    rows[0] = (rows[0][0] + rows[1][0], rows[0][1] + rows[1][1])  # unequal lengths: the split balances tokens
+    got = {}
+    for workers in (1, 2):
+        cfg = sft.Config(model=str(tiny_base), batch_size=4, lr=1e-3, warmup_steps=0,
+                         learner=LearnerConfig(workers=workers, strategy=strategy))
+        group = WorkerGroup(str(tiny_base), cfg.learner, sft.optim(cfg))
+        metrics = sft.train_step(group, rows, cfg, tok.pad_token_id)
+        got[workers] = (metrics, weights(group.save_hf(tmp_path / f"w{workers}", str(tiny_base))))
+        group.close()
+    (m1, w1), (m2, w2) = got[1], got[2]
+    assert m1["tokens"] == m2["tokens"] and m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    moved = max(float((w1[k] - v).abs().max()) for k, v in weights(tiny_base).items())
+    print(f"{strategy}: max |1 worker - 2 workers| {diff:.2e}, largest move {moved:.2e}")
+    assert diff <= 1e-5 and moved > 100 * diff
+
+
+def test_a_sigkilled_worker_fails_the_step_naming_it(ray_cluster, tiny_base):
+    cfg = sft.Config(model=str(tiny_base), batch_size=2, learner=LearnerConfig(workers=2, collective_timeout_s=300))
+    group = WorkerGroup(str(tiny_base), cfg.learner, sft.optim(cfg))
+    tok, rows = sft_rows(tiny_base, n=64)
+    pid = int(group.nodes[1].split("pid ")[1].rstrip(")"))
+    threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailed, match=r"rank 1 on .* \(pid \d+\) died during train_step"):
+        for _ in range(1000):  # steps until the kill lands mid-step
+            sft.train_step(group, rows, cfg, tok.pad_token_id)
+    assert time.monotonic() - t0 < 60, "a dead worker fails the step at once, not at the collective timeout"
+    assert group.workers == [], "the surviving rank is killed rather than left waiting in a collective"
+
+
+def test_a_learner_larger_than_the_cluster_fails_before_starting(ray_cluster, tiny_base):
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(UserError, match=rf"learner asks for {int(cpus) + 1} workers x 1 CPU = {int(cpus) + 1} CPU, "
+                                        rf"but the cluster has {cpus:g}"):
+        WorkerGroup(str(tiny_base), LearnerConfig(workers=int(cpus) + 1))
+    with pytest.raises(UserError, match=r"'spread' puts one worker per node: 2 workers, but the cluster has 1"):
+        WorkerGroup(str(tiny_base), LearnerConfig(workers=2, cpus_per_worker=0.5, placement="spread"))
