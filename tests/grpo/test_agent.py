@@ -143,7 +143,8 @@ def test_a_rollout_that_games_the_check_scores_zero(agent_data, pool):
     sample = {"id": "fix-bug", "domain": "agent", "answer": None, "meta": {"task": task.model_dump()},
               "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task.prompt}]}
     cheat = toolcall.format_call("bash", command="setsid bash -c 'while :; do echo \"print(1)\" > test_stats.py; "
-                                                 "sleep 0.01; done' </dev/null >/dev/null 2>&1 &")
+                                                 "sleep 0.01; done' </dev/null >/dev/null 2>&1 & "
+                                                 "until grep -qx 'print(1)' test_stats.py; do sleep 0.01; done")
     backend = ScriptedBackend(tok, [cheat, "Done."])
     rollouts = run_episodes(backend, tok, [sample], 0, RolloutConfig(group_size=2, reasoning="non_think"),
                             AgentConfig(max_turns=2, max_total_tokens=4096), pool)
