@@ -30,7 +30,9 @@ from experts.grpo import Config, GRPOLearner, collate_rollouts, score_and_advant
 from experts.models import build_tiny_model, load_model, load_tokenizer, save_checkpoint, train_tokenizer  # noqa: E402
 from experts.rollout import RolloutConfig, RolloutWorker  # noqa: E402
 from experts.sft import Config as SFTConfig  # noqa: E402
-from experts.sft import SFTLearner, batch_plan, build_rows, collate  # noqa: E402
+from experts.sft import build_rows, optim, train_step  # noqa: E402
+from learner.batching import batch_plan  # noqa: E402
+from learner.group import WorkerGroup  # noqa: E402
 from rewards import CombinedReward, RewardSpec  # noqa: E402
 from rewards.math_answer import math_correct  # noqa: E402
 
@@ -41,11 +43,12 @@ def make_sft(root: Path, data: DataConfig, steps: int) -> Path:
     tok = train_tokenizer(sample_texts(load_samples(data, "all")), vocab_size=300)
     save_checkpoint(build_tiny_model(tok, **TINY), tok, root / "base")
     torch.manual_seed(0)
-    learner = SFTLearner(str(root / "base"), SFTConfig(model=str(root / "base"), steps=steps, batch_size=16, lr=3e-3, warmup_steps=5))
+    cfg = SFTConfig(model=str(root / "base"), steps=steps, batch_size=16, lr=3e-3, warmup_steps=5)
+    group = WorkerGroup(str(root / "base"), cfg.learner, optim(cfg), local=True)
     rows = build_rows(tok, load_samples(data), 64, packing=False)
     for idx in batch_plan(len(rows), 16, steps, seed=0):
-        learner.train_step([collate([rows[i] for i in idx], tok.pad_token_id)])
-    return Path(learner.save_final(str(root / "sft")))
+        train_step(group, [rows[i] for i in idx], cfg, tok.pad_token_id)
+    return group.save_hf(root / "sft", str(root / "base"))
 
 
 def run_ours(sft: Path, data: DataConfig, prompts: list[list[dict]], a) -> tuple[list[float], list[float]]:
@@ -54,8 +57,8 @@ def run_ours(sft: Path, data: DataConfig, prompts: list[list[dict]], a) -> tuple
                  overlong="none", dynamic_sampling=False,
                  rollout=RolloutConfig(group_size=a.G, max_new_tokens=a.max_new_tokens, reasoning="think_high"))
     torch.manual_seed(0)
-    learner, worker, scorer = GRPOLearner(str(sft), cfg), RolloutWorker(str(sft), cfg.rollout), CombinedReward(cfg.rewards)
-    pad = learner.tokenizer.pad_token_id
+    learner, worker, scorer = GRPOLearner(str(sft), cfg, local=True), RolloutWorker(str(sft), cfg.rollout), CombinedReward(cfg.rewards)
+    pad = load_tokenizer(sft).pad_token_id
     times, rewards = [], []
     for step, batch in enumerate(prompts):
         t0 = time.perf_counter()

@@ -36,7 +36,7 @@ from distill.loss import distill_loss
 from distill.rollout import Rollout, RolloutFn, generate_rollouts, response_hidden, write_teacher_cache
 from experts.data import DataConfig, load_samples
 from experts.models import load_model, load_tokenizer, save_checkpoint
-from experts.train import check_finite
+from learner.optim import check_finite
 from pipeline.config import MAX_BATCH, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens, UserError
 from pipeline.context import MODEL_DIR, StageContext, atomic_dir, atomic_write_json, timer
 

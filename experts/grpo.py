@@ -14,9 +14,9 @@ and `ReferencePolicy` (here; the reference is skipped when `kl_coef` is 0), `Ray
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from pathlib import Path
 from typing import Literal
 
 import ray
@@ -36,19 +36,13 @@ from experts.grpo_loss import (
     policy_loss,
     token_logprobs,
 )
-from experts.models import load_model, load_tokenizer, save_checkpoint
+from experts.models import load_tokenizer
 from experts.rollout import Rollout, RolloutConfig, RolloutWorker
-from experts.sft import batch_plan
-from experts.train import (
-    check_finite,
-    latest_checkpoint,
-    load_train_state,
-    make_optimizer,
-    pick_device,
-    save_train_state,
-    set_threads,
-    truncate_metrics,
-)
+from learner.batching import batch_plan
+from learner.checkpoint import latest_checkpoint, truncate_metrics
+from learner.config import LearnerConfig
+from learner.group import WorkerGroup
+from learner.optim import Optim
 from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps
 from pipeline.context import MODEL_DIR, StageContext, timer
 from rewards import CombinedReward, RewardResult, RewardSpec
@@ -86,9 +80,9 @@ class Config(StageConfig):
     overlong_penalty: float = Field(1.0, ge=0, le=1000, description="penalty: reward lost by a response of max_new_tokens tokens.")
     save_every: Steps = Field(50, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
-    threads: int = Field(0, ge=0, le=4096, description="CPU threads for the learner and reference (0: all cores).")
-    num_cpus: float = Field(1, gt=0, le=4096, description="CPUs the learner actor reserves in Ray.")
-    num_gpus: float = Field(0, ge=0, le=1024, description="GPUs the learner actor reserves in Ray.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Workers, sharding and dtype of the "
+                                   "policy's trainer (and of the reference, when kl_coef > 0); micro_batch_size "
+                                   "is per worker.")
     reward_workers: int = Field(1, ge=0, le=1024, description="Reward actors; 0 scores in the driver process.")
     reward_cpus: float = Field(0.25, gt=0, le=4096, description="CPUs each reward actor reserves.")
     probe_prompts: int = Field(4, ge=1, le=1024, description="Prompts in the probe batch that checks each weight sync.")
@@ -135,113 +129,117 @@ def collate_rollouts(rollouts: list[Rollout], advantages: list[float], pad_id: i
             "advantages": torch.tensor(advantages, dtype=torch.float)}
 
 
-@torch.no_grad()
-def sequence_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, micro: int) -> torch.Tensor:
-    """log pi of every next token, [B, L-1], computed in micro-batches without gradients."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, batch["input_ids"].shape[0], micro):
-        ids = batch["input_ids"][i : i + micro].to(device)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"][i : i + micro].to(device)).logits
-        out.append(token_logprobs(logits[:, :-1], ids[:, 1:], temperature).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+def logprobs_fn(model, mb: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """log pi of every next token of a micro-batch, [b, l-1] (a learner `forward` function)."""
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
+    return token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
+
+
+def grpo_loss(model, mb: dict[str, torch.Tensor], *, temperature: float, clip_low: float, clip_high: float,
+              loss_agg: LossAgg, kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The learner objective: the clipped surrogate summed over the micro-batch (the group divides by the
+    mini-batch's tokens or sequences), with token-weighted sums of its statistics."""
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
+    logp = token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
+    m = mb["loss_mask"]
+    loss, st = policy_loss(logp, mb["old_logp"], mb["advantages"], m, clip_low, clip_high, loss_agg,
+                           ref_logp=mb.get("ref_logp"), kl_coef=kl_coef, normaliser=1.0)
+    n = float(m.sum())
+    with torch.no_grad():
+        ent = float((entropy_from_logits(logits.detach(), temperature) * m).sum())
+    return loss, {"tokens": n, "entropy": ent, "clip_frac": float(st["clip_frac"]) * n, "kl": float(st["kl"]) * n}
+
+
+def pad_rows(rows: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask of token rows."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 class ReferencePolicy:
-    """The frozen reference policy: only log-probs, for the KL term."""
+    """The frozen reference policy as a learner group without an optimizer: only log-probs, for the KL term."""
 
-    def __init__(self, model_path: str, cfg: Config):
-        set_threads(cfg.threads)
-        self.cfg, self.model = cfg, load_model(model_path).to(pick_device()).eval()
+    def __init__(self, model_path: str, cfg: Config, local: bool = False):
+        self.cfg = cfg
+        # Same workers and sharding as the learner; a quarter of its CPUs, since it only runs forward
+        # passes and the phases of a step run one at a time (2 cores hold the whole stage).
+        ref = cfg.learner.model_copy(update={"cpus_per_worker": cfg.learner.cpus_per_worker / 4})
+        self.group = WorkerGroup(model_path, ref, None, name="grpo reference", local=local)
 
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sequence_logprobs(self.model, batch, self.cfg.rollout.temperature, self.cfg.micro_batch_size)
+        fn = functools.partial(logprobs_fn, temperature=self.cfg.rollout.temperature)
+        return self.group.forward(batch, fn, self.cfg.micro_batch_size)
+
+    def close(self) -> None:
+        self.group.close()
 
 
-class GRPOLearner:
-    """Holds the policy and optimizer; one `train_step` is one GRPO step's updates on one rollout batch."""
+class GRPOLearner(ReferencePolicy):
+    """The policy's trainer (a learner group); one `train_step` is one GRPO step's updates on one rollout batch.
 
-    def __init__(self, model_path: str, cfg: Config, resume_from: str | None = None, seed: int = 0):
-        set_threads(cfg.threads)
-        self.cfg, self.device, self.seed = cfg, pick_device(), seed
-        self.tokenizer = load_tokenizer(resume_from or model_path)
-        self.model = load_model(resume_from or model_path).to(self.device)
+    Called by the stage (the single controller); how many workers hold the policy is the group's business.
+    """
+
+    def __init__(self, model_path: str, cfg: Config, resume_from: str | None = None, seed: int = 0,
+                 local: bool = False):
+        self.cfg, self.seed = cfg, seed
         total = cfg.steps * cfg.epochs * cfg.mini_batches
-        self.opt, self.sched = make_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total, cfg.min_lr_ratio)
-        self.step = load_train_state(resume_from, self.opt, self.sched) if resume_from else 0
-
-    def get_step(self) -> int:
-        return self.step
-
-    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sequence_logprobs(self.model, batch, self.cfg.rollout.temperature, self.cfg.micro_batch_size)
+        optim = Optim(lr=cfg.lr, total_steps=total, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                      min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm)
+        self.group = WorkerGroup(model_path, cfg.learner, optim, resume=resume_from, name="grpo learner", local=local)
+        self.tokenizer_path = model_path
+        self.step = int(resume_from.rsplit("_", 1)[1]) if resume_from else 0  # checkpoints are named by GRPO step
 
     def prompt_logprobs(self, rows: list[list[int]]) -> list[list[float]]:
         """Teacher-forced log-probs of each row's tokens 1..n (the weight-sync probe)."""
-        return [self.logprobs({"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.long)})[0].tolist()
-                for r in rows]
+        lp = self.logprobs(pad_rows(rows))
+        return [lp[i, : len(r) - 1].tolist() for i, r in enumerate(rows)]
 
-    def get_weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+    def get_weights(self):
+        """The policy's weights in HF names: a Ray object reference (or, local, the dict itself)."""
+        return self.group.full_state_dict()
 
     def train_step(self, batch: dict[str, torch.Tensor] | None, ref_logp: torch.Tensor | None = None) -> dict[str, float]:
         """Recompute old log-probs, then `epochs` x `mini_batches` clipped updates; None: no update this step."""
         cfg = self.cfg
         self.step += 1
         if batch is None or batch["input_ids"].shape[0] == 0:
-            return {"lr": self.sched.get_last_lr()[0], "updates": 0}
+            return {"updates": 0}
         old = self.logprobs(batch)  # pi_old by the learner's own math, not the rollout engine's
         mask = batch["loss_mask"]
         n_tok = mask.sum().clamp(min=1)
         gap = ((old - batch["rollout_logp"]).abs() * mask).sum() / n_tok
-        self.model.train()
+        full = {**batch, "old_logp": old, **({"ref_logp": ref_logp} if ref_logp is not None else {})}
+        objective = functools.partial(grpo_loss, temperature=cfg.rollout.temperature, clip_low=cfg.clip_low,
+                                      clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef)
         B = batch["input_ids"].shape[0]
         g = torch.Generator().manual_seed(self.seed * 7919 + self.step)
         sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
         updates = 0
         for _ in range(cfg.epochs):
             order = torch.randperm(B, generator=g)
-            size = math.ceil(B / cfg.mini_batches)
-            for mb in order.split(size):
-                m_mb = mask[mb]
-                norm = float(m_mb.sum().clamp(min=1)) if cfg.loss_agg == "token_mean" else float(len(mb))
-                for micro in mb.split(cfg.micro_batch_size):
-                    ids = batch["input_ids"][micro].to(self.device)
-                    logits = self.model(input_ids=ids, attention_mask=batch["attention_mask"][micro].to(self.device)).logits[:, :-1]
-                    logp = token_logprobs(logits, ids[:, 1:], cfg.rollout.temperature)
-                    m = mask[micro].to(self.device)
-                    loss, st = policy_loss(
-                        logp, old[micro].to(self.device), batch["advantages"][micro].to(self.device), m,
-                        cfg.clip_low, cfg.clip_high, cfg.loss_agg,
-                        ref_logp=None if ref_logp is None else ref_logp[micro].to(self.device),
-                        kl_coef=cfg.kl_coef, normaliser=norm,
-                    )
-                    check_finite(f"step {self.step}", loss=loss)
-                    loss.backward()
-                    w = float(m.sum()) / float(m_mb.sum().clamp(min=1))  # token share of this micro-batch
-                    with torch.no_grad():
-                        ent = (entropy_from_logits(logits.detach(), cfg.rollout.temperature) * m).sum() / m.sum().clamp(min=1)
-                    sums["loss"] += loss.item()
-                    for k, v in (("clip_frac", st["clip_frac"]), ("kl", st["kl"]), ("entropy", ent)):
-                        sums[k] += w * float(v)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-                check_finite(f"step {self.step}", grad_norm=grad_norm)
-                sums["grad_norm"] += grad_norm
-                lr = self.sched.get_last_lr()[0]
-                self.opt.step()
-                self.sched.step()
-                self.opt.zero_grad(set_to_none=True)
+            for mb in order.split(math.ceil(B / cfg.mini_batches)):
+                sub = {k: v[mb] for k, v in full.items()}
+                norm = float(sub["loss_mask"].sum().clamp(min=1)) if cfg.loss_agg == "token_mean" else float(len(mb))
+                out = self.group.train_step(sub, objective, norm, cfg.micro_batch_size, label=f"step {self.step}")
+                tokens = max(out["tokens"], 1.0)
+                sums["loss"] += out["loss"] / norm
+                for k in ("clip_frac", "kl", "entropy"):
+                    sums[k] += out[k] / tokens
+                sums["grad_norm"] += out["grad_norm"]
+                lr = out["lr"]
                 updates += 1
         out = {k: v / updates for k, v in sums.items()}
         return {**out, "lr": lr, "updates": updates, "logp_gap/rollout_vs_learner": float(gap), "tokens": float(n_tok)}
 
     def save(self, checkpoint_dir: str) -> str:
-        return str(save_train_state(Path(checkpoint_dir), self.model, self.tokenizer, self.opt, self.sched,
-                                    self.step, self.cfg.keep_checkpoints))
+        return str(self.group.save(checkpoint_dir, self.step, self.cfg.keep_checkpoints))
 
     def save_final(self, path: str) -> str:
-        return str(save_checkpoint(self.model, self.tokenizer, path))
+        return str(self.group.save_hf(path, self.tokenizer_path))
 
 
 def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], cfg: Config) -> tuple[list[int], list[float], dict]:
@@ -292,9 +290,9 @@ def sync_gap(learner_lp: list[list[float]], rollout_lp: list[list[float]]) -> fl
 
 def sync_weights(learner, workers: list, probe: list[list[int]], tol: float) -> float:
     """Push the learner's weights to every rollout worker and prove they arrived (raises if stale)."""
-    weights = learner.get_weights.remote()
+    weights = learner.get_weights()
     ray.get([w.load_weights.remote(weights) for w in workers])
-    want = ray.get(learner.prompt_logprobs.remote(probe))
+    want = learner.prompt_logprobs(probe)
     gaps = [sync_gap(want, got) for got in ray.get([w.prompt_logprobs.remote(probe) for w in workers])]
     if max(gaps) > tol:
         raise RuntimeError(f"rollout weights are stale: probe log-probs differ from the learner's by {max(gaps):.3g} "
@@ -309,26 +307,24 @@ def run(cfg: Config, ctx: StageContext) -> None:
     plan = batch_plan(len(samples), cfg.prompts_per_step, cfg.steps, ctx.seed)
     probe = probe_rows(tok, samples, cfg)
     resume = latest_checkpoint(ctx.checkpoint_dir)
-    start_from = str(resume) if resume else model_path
-    learner = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(GRPOLearner).remote(
-        model_path, cfg, str(resume) if resume else None, ctx.seed)
+    learner = GRPOLearner(model_path, cfg, str(resume) if resume else None, ctx.seed)
     ro = cfg.rollout
-    workers = [ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)(RolloutWorker).remote(start_from, ro, cfg.agent, ctx.seed + i)
+    workers = [ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)(RolloutWorker).remote(model_path, ro, cfg.agent, ctx.seed + i)
                for i in range(ro.num_workers)]
     ref = None
     if cfg.kl_coef > 0:  # no reference actor at all when the KL term is off
-        ref = ray.remote(num_cpus=0.25)(ReferencePolicy).remote(str(ctx.model_path(cfg.ref_model or cfg.model)), cfg)
+        ref = ReferencePolicy(str(ctx.model_path(cfg.ref_model or cfg.model)), cfg)
     if cfg.reward_workers:
         from rewards.workers import RayRewardPool
 
         scorer = RayRewardPool(cfg.rewards, cfg.reward_workers, ctx.model_path, num_cpus=cfg.reward_cpus)
     else:
         scorer = CombinedReward(cfg.rewards, ctx.model_path)
-    start = ray.get(learner.get_step.remote())
+    start = learner.step
     if resume:
         truncate_metrics(ctx.out_dir, start)
         log.info("resuming %s from %s (step %d of %d)", ctx.name, resume.name, start, cfg.steps)
-    sync_weights(learner, workers, probe, ro.tolerance())  # rollout and learner start from the same weights
+    sync_weights(learner, workers, probe, ro.tolerance())  # rollout workers get the (resumed) learner weights
     log.info("grpo %s: %d prompts, %d steps of %d prompts x G=%d", ctx.name, len(samples), cfg.steps,
              cfg.prompts_per_step, ro.group_size)
 
@@ -348,8 +344,8 @@ def run(cfg: Config, ctx: StageContext) -> None:
             m.update(pass_rate(cfg.rewards, results))
         with timer("train", times):
             batch = collate_rollouts([rollouts[i] for i in keep], adv, tok.pad_token_id) if keep else None
-            ref_logp = ray.get(ref.logprobs.remote(batch)) if ref is not None and batch is not None else None
-            m.update(ray.get(learner.train_step.remote(batch, ref_logp)))
+            ref_logp = ref.logprobs(batch) if ref is not None and batch is not None else None
+            m.update(learner.train_step(batch, ref_logp))
         with timer("sync", times):
             m["sync/probe_logp_gap"] = sync_weights(learner, workers, probe, ro.tolerance())
         if any(r.episode for r in rollouts):
@@ -357,11 +353,13 @@ def run(cfg: Config, ctx: StageContext) -> None:
         ctx.log_metrics(step + 1, {**m, **times})
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m.get('kl', 0):.3f}", len=f"{m['response/length_mean']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            ray.get(learner.save.remote(str(ctx.checkpoint_dir)))
+            learner.save(str(ctx.checkpoint_dir))
 
-    ray.get(learner.save_final.remote(str(ctx.out_dir / MODEL_DIR)))
+    learner.save_final(str(ctx.out_dir / MODEL_DIR))
     ray.get([w.close.remote() for w in workers])
-    for actor in [learner, *workers, *([ref] if ref is not None else [])]:
+    for actor in workers:
         ray.kill(actor)
+    for group in [learner, *([ref] if ref is not None else [])]:
+        group.close()
     if hasattr(scorer, "close"):
         scorer.close()

@@ -159,7 +159,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             with timer("save", times):
-                group.save(ctx.checkpoint_dir, cfg.keep_checkpoints)
+                group.save(ctx.checkpoint_dir, step + 1, cfg.keep_checkpoints)
 
     group.save_hf(ctx.out_dir / MODEL_DIR, str(model_path))
     group.close()

@@ -162,15 +162,16 @@ class WorkerGroup:
             return {k: v.clone() for k, v in self.workers[0].full_state_dict().items()}
         return self._call("full_state_dict_ref")[0][0]
 
-    def save(self, checkpoint_dir: Path, keep: int, extra: dict | None = None) -> Path:
-        """Resumable sharded checkpoint `checkpoint_dir/step_N` (N = optimizer steps so far)."""
-        final = Path(checkpoint_dir) / f"step_{self.step}"
+    def save(self, checkpoint_dir: Path, step: int, keep: int) -> Path:
+        """Resumable sharded checkpoint `checkpoint_dir/step_<step>` (the stage's step: a resumed stage
+        starts after it); only the newest `keep` stay."""
+        final = Path(checkpoint_dir) / f"step_{step}"
         tmp = final.with_name(f".{final.name}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        self._call("save_sharded", str(tmp), extra or {})
-        return finish(tmp, final, self.step, keep)
+        self._call("save_sharded", str(tmp), {"stage_step": step})
+        return finish(tmp, final, step, keep)
 
     def save_hf(self, path: Path, tokenizer_path: str) -> Path:
         """A full, gathered Hugging Face checkpoint at `path` (AutoModelForCausalLM loads it)."""

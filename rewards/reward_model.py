@@ -129,7 +129,7 @@ def _setup(cfg: Config, ctx: StageContext, pairs: list[dict]):
 
 def run(cfg: Config, ctx: StageContext) -> None:
     from experts.models import save_checkpoint
-    from experts.train import check_finite
+    from learner.optim import check_finite
     from rewards.if_data import preference_pairs, read_jsonl
 
     rng = random.Random(ctx.seed)

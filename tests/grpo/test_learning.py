@@ -62,7 +62,7 @@ def test_stale_rollout_weights_are_caught(echo):
     """After an update the un-synced rollout worker's probe log-probs no longer match the learner's."""
     data, sft, _ = echo
     cfg = Config(model=str(sft), data=data, lr=1e-3, rollout=RolloutConfig(group_size=4, max_new_tokens=12))
-    learner, worker = GRPOLearner(str(sft), cfg), RolloutWorker(str(sft), cfg.rollout)
+    learner, worker = GRPOLearner(str(sft), cfg, local=True), RolloutWorker(str(sft), cfg.rollout)
     probe = [worker.tokenizer("Repeat the digits 1 2 3.")["input_ids"]]
     assert sync_gap(learner.prompt_logprobs(probe), worker.prompt_logprobs(probe)) < cfg.rollout.tolerance()
     rollouts = worker.generate(load_samples(data)[:2])

@@ -77,3 +77,34 @@ def test_a_learner_larger_than_the_cluster_fails_before_starting(ray_cluster, ti
         WorkerGroup(str(tiny_base), LearnerConfig(workers=int(cpus) + 1))
     with pytest.raises(UserError, match=r"'spread' puts one worker per node: 2 workers, but the cluster has 1"):
         WorkerGroup(str(tiny_base), LearnerConfig(workers=2, cpus_per_worker=0.5, placement="spread"))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_workers_take_the_same_grpo_step_as_one(ray_cluster, tiny_base, tmp_path, strategy):
+    from experts import grpo
+
+    g = torch.Generator().manual_seed(0)
+    vocab = load_model(tiny_base).config.vocab_size
+    lengths = [12, 7, 9, 5, 11, 6]
+    ids = torch.randint(0, vocab, (6, 12), generator=g)
+    attn = torch.zeros_like(ids)
+    loss_mask = torch.zeros(6, 11)
+    for i, n in enumerate(lengths):
+        attn[i, :n] = 1
+        loss_mask[i, 3 : n - 1] = 1  # 4 prompt tokens, the rest is response
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask,
+             "rollout_logp": torch.zeros(6, 11), "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])}
+    got = {}
+    for workers in (1, 2):
+        cfg = grpo.Config(model=str(tiny_base), lr=1e-3, kl_coef=0.1, micro_batch_size=2,
+                          learner=LearnerConfig(workers=workers, strategy=strategy, cpus_per_worker=0.5))
+        learner, ref = grpo.GRPOLearner(str(tiny_base), cfg), grpo.ReferencePolicy(str(tiny_base), cfg)
+        metrics = learner.train_step(batch, ref.logprobs(batch))
+        got[workers] = (metrics, weights(learner.save_final(str(tmp_path / f"w{workers}"))))
+        learner.close()
+        ref.close()
+    (m1, w1), (m2, w2) = got[1], got[2]
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-7) and m1["tokens"] == m2["tokens"]
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    print(f"{strategy}: max |1 worker - 2 workers| {diff:.2e}")
+    assert diff <= 1e-5

@@ -195,23 +195,27 @@ def test_every_learner_refuses_a_non_finite_step(tmp_path, nan_checkpoint, tiny_
     from distill import opd
     from experts import grpo, sft
     from experts.data import DataConfig, load_samples
-    from experts.train import NonFiniteLoss
+    from experts.models import load_tokenizer
+    from learner.group import WorkerGroup
+    from learner.optim import NonFiniteLoss
     from pipeline.context import StageContext
     from rewards import reward_model
 
-    learner = sft.SFTLearner(str(nan_checkpoint), sft.Config(model=str(nan_checkpoint)))
-    rows = sft.build_rows(learner.tokenizer, load_samples(DataConfig(**ARITH))[:4], 64, packing=False)
+    cfg = sft.Config(model=str(nan_checkpoint))
+    group = WorkerGroup(str(nan_checkpoint), cfg.learner, sft.optim(cfg), local=True)
+    tok = load_tokenizer(nan_checkpoint)
+    rows = sft.build_rows(tok, load_samples(DataConfig(**ARITH))[:4], 64, packing=False)
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 1"):
-        learner.train_step([sft.collate(rows, learner.tokenizer.pad_token_id)])
+        sft.train_step(group, rows, cfg, tok.pad_token_id)
 
     # GRPO: a reference policy whose log-probs are NaN (kl_coef > 0) poisons the loss.
-    g = grpo.GRPOLearner(str(tiny_base), grpo.Config(model=str(tiny_base), kl_coef=0.1))
-    before = {k: v.clone() for k, v in g.model.state_dict().items()}
+    g = grpo.GRPOLearner(str(tiny_base), grpo.Config(model=str(tiny_base), kl_coef=0.1), local=True)
+    before = g.get_weights()
     batch = {"input_ids": torch.randint(0, 100, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long),
              "loss_mask": torch.ones(2, 5), "rollout_logp": torch.zeros(2, 5), "advantages": torch.tensor([1.0, -1.0])}
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 1"):
         g.train_step(batch, ref_logp=torch.full((2, 5), float("nan")))
-    assert all(torch.equal(v, before[k]) for k, v in g.model.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in g.get_weights().items())
 
     ctx = StageContext("t", "rm", tmp_path / "rm")
     ctx.out_dir.mkdir()
