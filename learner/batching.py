@@ -26,10 +26,11 @@ def batch_plan(n_rows: int, per_step: int, steps: int, seed: int) -> list[list[i
 
 
 def row_tokens(batch: Batch) -> list[int]:
-    """Tokens per row: its attention mask's sum, else the row's width."""
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum(1).tolist()
-    return [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
+    """Tokens per row: its attention mask's sum (over every sequence of the row, e.g. [pairs, 2, L]),
+    else the row's size."""
+    t = batch["attention_mask"] if "attention_mask" in batch else batch["input_ids"]
+    per_row = t.flatten(1).sum(1) if "attention_mask" in batch else torch.full((t.shape[0],), t[0].numel())
+    return per_row.tolist()
 
 
 def split_by_tokens(tokens: list[int], parts: int) -> list[list[int]]:
@@ -51,7 +52,7 @@ def take(batch: Batch, rows: list[int]) -> Batch:
     """Rows `rows` of every [B, ...] tensor, with all-padding columns at the right cut off."""
     idx = torch.tensor(rows, dtype=torch.long)
     out = {k: v[idx] for k, v in batch.items()}
-    if "attention_mask" in out and len(rows):
+    if "attention_mask" in out and out["attention_mask"].dim() == 2 and len(rows):
         width = batch["attention_mask"].shape[1]
         keep = int(out["attention_mask"].sum(0).nonzero().max()) + 1 if out["attention_mask"].any() else 1
         for k, v in out.items():  # [B, L] tensors keep `keep` columns, [B, L-1] ones (next-token targets) keep-1

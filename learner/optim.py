@@ -21,24 +21,28 @@ class Optim:
     min_lr_ratio: float = 1.0
     max_grad_norm: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
+    decay: str = "cosine"  # or "linear"
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to `min_ratio` at `total`.
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, decay: str = "cosine") -> float:
+    """Linear warmup over `warmup` steps, then cosine (or linear) decay to `min_ratio` at `total`.
 
     >>> [round(lr_factor(s, 2, 10, 0.1), 3) for s in (0, 1, 2, 6, 10)]
     [0.5, 1.0, 1.0, 0.55, 0.1]
+    >>> [round(lr_factor(s, 2, 10, 0.0, "linear"), 3) for s in (0, 2, 6, 10)]
+    [0.5, 1.0, 0.5, 0.0]
     """
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    shape = 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * shape
 
 
 def make_optimizer(model: torch.nn.Module, o: Optim):
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, o.warmup_steps, o.total_steps, o.min_lr_ratio))
+        opt, lambda s: lr_factor(s, o.warmup_steps, o.total_steps, o.min_lr_ratio, o.decay))
     return opt, sched
 
 

@@ -11,7 +11,7 @@ STAGES: dict[str, str] = {
     "grpo": "experts.grpo",
     "eval": "experts.eval",
     "opd": "distill.opd",
-    "reward_model": "rewards.reward_model",
+    "reward_model": "experts.reward_model",
 }
 
 

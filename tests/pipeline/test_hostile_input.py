@@ -188,7 +188,7 @@ def test_nan_loss_fails_the_sft_stage_naming_the_step(tmp_path, nan_checkpoint):
     assert not (runs / "nan" / "sft" / "checkpoints").exists()  # the diverged step never reached a checkpoint
 
 
-def test_every_learner_refuses_a_non_finite_step(tmp_path, nan_checkpoint, tiny_base):
+def test_every_learner_refuses_a_non_finite_step(tmp_path, nan_checkpoint, tiny_base, ray_session):
     """SFT, the GRPO learner, the reward model and OPD each stop at the step, before the optimizer moves."""
     import torch
 
@@ -199,7 +199,7 @@ def test_every_learner_refuses_a_non_finite_step(tmp_path, nan_checkpoint, tiny_
     from learner.group import WorkerGroup
     from learner.optim import NonFiniteLoss
     from pipeline.context import StageContext
-    from rewards import reward_model
+    from experts import reward_model
 
     cfg = sft.Config(model=str(nan_checkpoint))
     group = WorkerGroup(str(nan_checkpoint), cfg.learner, sft.optim(cfg), local=True)

@@ -1,4 +1,5 @@
-"""A reward model trained on IF checker pairs ranks held-out pairs well, and serves as a reward by name."""
+"""A reward model trained on IF checker pairs ranks held-out pairs well, serves as a reward by name, and
+trains on a 2-worker learner group."""
 
 import json
 
@@ -9,11 +10,13 @@ from pipeline.context import StageContext
 from pipeline.stages import stage_module
 from rewards.combine import CombinedReward, RewardSpec
 from rewards.if_data import preference_pairs
-from rewards.reward_model import Config, run
+from experts.reward_model import Config, run
+from learner.config import LearnerConfig
+from transformers import AutoModelForSequenceClassification
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, ray_session):
     # One thread: on a busy 2-core machine torch's second thread spins and makes this ~10x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -52,3 +55,14 @@ def test_trained_model_serves_as_the_reward_model_reward(trained):
     wins = sum(c.score > r.score for c, r in zip(chosen, rejected))
     assert wins >= 28, wins
     assert reward.metrics(chosen)["reward/reward_model"] > reward.metrics(rejected)["reward/reward_model"]
+
+
+def test_two_workers_train_the_reward_model(tmp_path, ray_session):
+    cfg = Config(n_pairs=40, steps=4, batch_size=4, max_length=64, eval_every=2, save_every=2,
+                 learner=LearnerConfig(workers=2, cpus_per_worker=0.5))
+    run(cfg, StageContext("test", "rm2", tmp_path, {}, seed=0))
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["grad_norm"] > 0 for m in metrics)
+    assert (tmp_path / "checkpoints" / "step_4" / "COMPLETE").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert model.config.num_labels == 1
