@@ -21,6 +21,7 @@ teacher of each sample's domain, with one teacher LM head in memory at a time (t
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections import defaultdict
@@ -31,14 +32,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.cache import CacheReader, CacheWriter, prune_rounds
-from distill.heads import HeadStore
-from distill.loss import distill_loss
-from distill.rollout import Rollout, RolloutFn, generate_rollouts, response_hidden, write_teacher_cache
+from distill.rollout import Rollout, RolloutFn, generate_rollouts, write_teacher_cache
+from distill.student import collate_teacher_batch, opd_objective, student_loader
 from experts.data import DataConfig, load_samples
-from experts.models import load_model, load_tokenizer, save_checkpoint
-from learner.optim import check_finite
+from experts.models import load_model, load_tokenizer
+from learner.checkpoint import latest_checkpoint, truncate_metrics
+from learner.config import LearnerConfig
+from learner.group import WorkerGroup
+from learner.optim import Optim
 from pipeline.config import MAX_BATCH, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens, UserError
-from pipeline.context import MODEL_DIR, StageContext, atomic_dir, atomic_write_json, timer
+from pipeline.context import MODEL_DIR, StageContext, timer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,11 @@ class Config(StageConfig):
     cache_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of cached states.")
     shard_tokens: Tokens = Field(65536, description="Response tokens per cache shard (at most, roughly).")
     keep_rounds: int = Field(1, ge=0, le=1000, description="Finished rounds' caches to keep; 0 deletes each after training.")
-    device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda'.")
+    device: str = Field("auto", description="Where the driver samples the student and runs the teachers: "
+                                            "'auto' (cuda if available), 'cpu' or 'cuda'.")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest round checkpoints kept on disk.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Workers, sharding and dtype of the "
+                                   "student's trainer; each cache batch is split over the workers.")
 
     @model_validator(mode="after")
     def _one_teacher_per_domain(self):
@@ -92,34 +99,49 @@ class Config(StageConfig):
         return self
 
 
-def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollouts) -> None:
-    """Distil the teachers into the student for `cfg.rounds` rounds; resume from the last round checkpoint."""
+def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollouts, local: bool = False) -> None:
+    """Distil the teachers into the student for `cfg.rounds` rounds; resume from the last round checkpoint.
+
+    The student trains as a learner group (`local=True`: one rank in this process, for tests); the
+    driver samples from a copy of its weights and runs the teachers, one at a time.
+    """
     # ---- set-up: resolve models, check tokenizers, route prompts, resume
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     teacher_paths = [ctx.model_path(t.model) for t in cfg.teachers]
     names = [t.name or t.model for t in cfg.teachers]
     route = {d: i for i, t in enumerate(cfg.teachers) for d in t.domains}
-    tokenizer = load_tokenizer(ctx.model_path(cfg.student))
-    _check_same_tokenizer(tokenizer, ctx.model_path(cfg.student), teacher_paths)
+    student_path = ctx.model_path(cfg.student)
+    tokenizer = load_tokenizer(student_path)
+    _check_same_tokenizer(tokenizer, student_path, teacher_paths)
     by_domain = _prompts_by_domain(cfg.data, route)
+    domains = list(by_domain)
     cache_root = cfg.cache_url or str(ctx.out_dir / "cache")
 
-    start, student_path = _resume_point(ctx.checkpoint_dir, ctx.model_path(cfg.student))
-    student = load_model(student_path).to(device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if (student_path / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(student_path / "optimizer.pt", map_location=device))
-    heads = HeadStore(teacher_paths, device=device)
+    resume = latest_checkpoint(ctx.checkpoint_dir)
+    start = int(resume.name.split("_")[1]) + 1 if resume else 1  # checkpoints are named by round
+    optim = Optim(lr=cfg.lr, total_steps=cfg.rounds * cfg.steps_per_round, weight_decay=cfg.weight_decay,
+                  max_grad_norm=cfg.max_grad_norm, betas=(0.9, 0.999))  # constant LR, AdamW's defaults
+    loader = functools.partial(student_loader, teacher_paths=[str(p) for p in teacher_paths])
+    group = WorkerGroup(str(student_path), cfg.learner, optim, loader=loader, resume=str(resume) if resume else None,
+                        name=ctx.name, local=local)
+    objective = functools.partial(opd_objective, divergence=cfg.divergence, temperature=cfg.loss_temperature,
+                                  beta=cfg.beta, chunk_size=cfg.chunk_size, domains=domains, teachers=names)
+    student = load_model(student_path).to(device).eval()  # the driver's sampler: the group's weights, each round
+    if resume:
+        truncate_metrics(ctx.out_dir, start - 1)
+        log.info("opd: resuming after round %d from %s", start - 1, resume)
     log.info("opd: %d teachers, %d domains, rounds %d..%d, cache %s", len(names), len(by_domain), start, cfg.rounds,
              cache_root)
 
+    loads = 0
     for r in range(start, cfg.rounds + 1):
         times: dict[str, float] = {}
-        policy = str(student_path)  # the cache of this round is valid only for this student
+        policy = f"{ctx.name} after round {r - 1}"  # the cache of this round is valid only for this student
         samples = _round_prompts(by_domain, r, cfg.prompts_per_round)
 
         with timer("generate", times):
+            student.load_state_dict(group.state_dict())
             rollouts = rollout_fn(student, tokenizer, samples, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generate_batch_size,
                                   seed=ctx.seed * 100003 + r)
@@ -137,58 +159,53 @@ def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollout
             index = writer.close()
 
         with timer("train", times):
-            student.train()
-            head_loads = len(heads.loads)
             sums: dict[str, float] = defaultdict(float)  # divergence summed per domain / teacher, and counts
-            counts: dict[str, int] = defaultdict(int)
             reader = CacheReader(cache_root, r, policy=policy, batch_tokens=cfg.batch_tokens)
-            step_tokens, step = reader.step_tokens(), None
-            for batch in reader:  # (step, teacher) order: one head swap per teacher per step
-                if batch.step != step and step is not None:
-                    _optimizer_step(student, optimizer, cfg.max_grad_norm, f"round {r} step {step + 1}")
-                step = batch.step
-                hs = response_hidden(student, batch.input_ids, batch.prompt_lens, tokenizer.pad_token_id)
-                # no local name for the head: a leftover reference would keep two heads alive at a swap
-                out = distill_loss(hs, student.get_output_embeddings().weight, batch.hidden.to(device),
-                                   heads.get(batch.teacher),
-                                   divergence=cfg.divergence, temperature=cfg.loss_temperature, beta=cfg.beta,
-                                   chunk_size=cfg.chunk_size)
-                (out.loss * (len(hs) / step_tokens[step])).backward()  # the step's loss is its token mean
-                for domain, div in zip(batch.domains, out.per_token.split(batch.response_lens)):
-                    for key in (f"domain/{domain}", f"teacher/{names[batch.teacher]}"):
-                        sums[key] += div.sum().item()
-                        counts[key] += len(div)
-            if step is not None:
-                _optimizer_step(student, optimizer, cfg.max_grad_norm, f"round {r} step {step + 1}")
-            heads.release()
+            step_tokens, parts, step = reader.step_tokens(), [], None
+            for batch in [*reader, None]:  # (step, teacher) order: each rank swaps heads once per teacher per step
+                if parts and (batch is None or batch.step != step):
+                    out = group.train_step(parts, objective, denominator=step_tokens[step],
+                                           micro_batch_size=max(len(p["input_ids"]) for p in parts),
+                                           label=f"round {r} step {step + 1}")
+                    for k, v in out.items():
+                        sums[k] += v
+                    parts = []
+                if batch is not None:
+                    step = batch.step
+                    parts.append(collate_teacher_batch(batch.input_ids, batch.prompt_lens, batch.hidden,
+                                                       batch.teacher, [domains.index(d) for d in batch.domains],
+                                                       tokenizer.pad_token_id))
+            loads_before, loads = loads, group.apply(_release_heads)[0]
 
         # ---- end of round: checkpoint first, so a kill after it never repeats the round
-        ckpt = _save_round(student, tokenizer, optimizer, ctx.checkpoint_dir / f"round_{r}", r)
-        student_path = ckpt
+        group.save(ctx.checkpoint_dir, r, cfg.keep_checkpoints)
         prune_rounds(cache_root, cfg.keep_rounds)
-        tokens = sum(counts[k] for k in counts if k.startswith("domain/"))
+        tokens = sum(v for k, v in sums.items() if k.startswith("count/domain/"))
+        divergences = {k.removeprefix("sum/"): v / sums["count/" + k.removeprefix("sum/")]
+                       for k, v in sums.items() if k.startswith("sum/")}
         n_bytes = sum(s["bytes"] for s in index["shards"])
+        loss = sum(v for k, v in sums.items() if k.startswith("sum/domain/")) / max(tokens, 1)
         ctx.log_metrics(r, {
             "round": r,
-            "loss": sum(v for k, v in sums.items() if k.startswith("domain/")) / max(tokens, 1),
-            **{f"{cfg.divergence}/{k}": sums[k] / counts[k] for k in sorted(sums)},
+            "loss": loss,
+            **{f"{cfg.divergence}/{k}": v for k, v in sorted(divergences.items())},
             "response_len/mean": sum(len(ro.response_ids) for ro in rollouts) / max(len(rollouts), 1),
             "samples": len(rollouts),
             "tokens": tokens,
             "cache/bytes_per_token": n_bytes / max(tokens, 1),
-            "heads/loads": len(heads.loads) - head_loads,
+            "heads/loads": loads - loads_before,  # rank 0's head reads this round
             **times,
         })
-        log.info("opd round %d: loss %.4f over %d tokens", r, sum(v for k, v in sums.items() if k.startswith("domain/"))
-                 / max(tokens, 1), tokens)
+        log.info("opd round %d: loss %.4f over %d tokens", r, loss, tokens)
 
-    save_checkpoint(student, tokenizer, ctx.out_dir / MODEL_DIR)
+    group.save_hf(ctx.out_dir / MODEL_DIR, str(student_path))
+    group.close()
 
 
-def _optimizer_step(model, optimizer, max_grad_norm: float, at: str) -> None:
-    check_finite(at, grad_norm=torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))  # NaN loss: NaN norm
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def _release_heads(model) -> int:
+    """Drop the resident teacher head at the end of a round; how many heads this rank has read so far."""
+    model.heads.release()
+    return len(model.heads.loads)
 
 
 def _check_same_tokenizer(student_tok, student_path: Path, teacher_paths: list[Path]) -> None:
@@ -223,22 +240,3 @@ def _round_prompts(by_domain: dict[str, list[dict]], r: int, n: int) -> list[dic
         out.extend(samples[(start + i) % len(samples)] for i in range(k))
     random.Random(r).shuffle(out)  # mixed domains in each generate batch, as a rollout engine would see
     return out
-
-
-def _resume_point(checkpoint_dir: Path, initial: Path) -> tuple[int, Path]:
-    """(first round to run, checkpoint the student starts from): after the last whole round checkpoint."""
-    done = sorted(int(p.name.split("_")[1]) for p in checkpoint_dir.glob("round_*") if (p / "state.json").exists())
-    if not done:
-        return 1, Path(initial)
-    last = checkpoint_dir / f"round_{done[-1]}"
-    log.info("opd: resuming after round %d from %s", done[-1], last)
-    return done[-1] + 1, last
-
-
-def _save_round(student, tokenizer, optimizer, path: Path, r: int) -> Path:
-    with atomic_dir(path) as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        atomic_write_json(tmp / "state.json", {"round": r})
-    return path

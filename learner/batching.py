@@ -48,16 +48,22 @@ def split_by_tokens(tokens: list[int], parts: int) -> list[list[int]]:
     return [sorted(rows) for rows in out]
 
 
+# Right-padded token tensors whose all-padding columns a micro-batch may drop: [B, L] ones, and
+# [B, L-1] ones that score next tokens. Any other tensor is taken whole.
+TOKEN_KEYS = {"input_ids": 0, "attention_mask": 0, "labels": 0,
+              "loss_mask": 1, "rollout_logp": 1, "old_logp": 1, "ref_logp": 1}
+
+
 def take(batch: Batch, rows: list[int]) -> Batch:
-    """Rows `rows` of every [B, ...] tensor, with all-padding columns at the right cut off."""
+    """Rows `rows` of every [B, ...] tensor; TOKEN_KEYS tensors lose the columns that are padding in all of them."""
     idx = torch.tensor(rows, dtype=torch.long)
     out = {k: v[idx] for k, v in batch.items()}
-    if "attention_mask" in out and out["attention_mask"].dim() == 2 and len(rows):
-        width = batch["attention_mask"].shape[1]
-        keep = int(out["attention_mask"].sum(0).nonzero().max()) + 1 if out["attention_mask"].any() else 1
-        for k, v in out.items():  # [B, L] tensors keep `keep` columns, [B, L-1] ones (next-token targets) keep-1
-            if v.dim() >= 2 and v.shape[1] in (width, width - 1):
-                out[k] = v[:, : keep - (width - v.shape[1])]
+    mask = out.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and len(rows):
+        keep = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1
+        for k, short in TOKEN_KEYS.items():
+            if k in out:
+                out[k] = out[k][:, : keep - short]
     return out
 
 

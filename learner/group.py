@@ -116,14 +116,18 @@ class WorkerGroup:
                                    f"{type(e.cause).__name__}: {e.cause}") from None
         return [results[i] for i in range(len(futures))]
 
-    def train_step(self, batch: Batch, objective: Objective, denominator: float, micro_batch_size: int,
+    def train_step(self, batch: Batch | list[Batch], objective: Objective, denominator: float, micro_batch_size: int,
                    label: str | None = None) -> dict[str, float]:
         """One optimizer step on `batch` (all ranks' rows): sum(loss) / denominator, clipped.
 
-        Returns the metric sums over the whole batch (`loss` and whatever `objective` reports),
-        plus `grad_norm` and `lr`.
+        A list of batches is one step over all of them, in order, each split over the ranks (OPD
+        passes one batch per teacher, so each rank walks the teachers in order). Returns the metric
+        sums over everything (`loss` and whatever `objective` reports), plus `grad_norm` and `lr`.
         """
-        per_rank, _ = rank_micro_batches(batch, self.cfg.workers, micro_batch_size)
+        per_rank = [[] for _ in range(self.cfg.workers)]
+        for part in batch if isinstance(batch, list) else [batch]:
+            for mine, mbs in zip(per_rank, rank_micro_batches(part, self.cfg.workers, micro_batch_size)[0]):
+                mine.extend(mbs)
         label = label or f"step {self.step + 1}"
         outs = self._call("train_step", per_rank=[(mbs, objective, denominator, label) for mbs in per_rank])
         sums: dict[str, float] = {}
@@ -154,6 +158,15 @@ class WorkerGroup:
             else:
                 out[rows, : t.shape[1]] = t
         return out
+
+    def apply(self, fn) -> list[Any]:
+        """`fn(model)` on every rank (no collectives inside); the results in rank order."""
+        return self._call("apply", fn)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model in HF names, here in the driver (a copy: for a driver-side sampler)."""
+        sd = self.full_state_dict()
+        return ray.get(sd) if isinstance(sd, ray.ObjectRef) else sd
 
     def full_state_dict(self) -> ray.ObjectRef:
         """A reference to the whole model in HF names (gathered on rank 0), put in the object store

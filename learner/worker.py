@@ -142,6 +142,10 @@ class LearnerWorker:
         out = [fn(self.model, self._to_device(mb)).cpu() for mb, _ in micro_batches]
         return [o for o, (_, real) in zip(out, micro_batches) if real]
 
+    def apply(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
+        """`fn(model)` on this rank (e.g. release a cache the model holds); must not run collectives."""
+        return fn(self.model)
+
     def _to_device(self, mb: Batch) -> Batch:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
 
@@ -167,7 +171,10 @@ class LearnerWorker:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        prefix = "inner." if hasattr(self.model, "inner") else ""  # a loss-computing wrapper keeps the HF model there
+        return {k.removeprefix(prefix): v for k, v in sd.items()}
 
     def full_state_dict_ref(self) -> list | None:
         """[ObjectRef of `full_state_dict()`] from rank 0 (a list, so Ray hands back the reference)."""
@@ -185,10 +192,7 @@ class LearnerWorker:
         from pipeline.context import atomic_dir
 
         with atomic_dir(Path(path)) as tmp:
-            inner = getattr(self.model, "inner", self.model)  # a loss-computing wrapper keeps the HF model here
-            prefix = "inner." if inner is not self.model else ""
-            inner.save_pretrained(tmp, state_dict={k.removeprefix(prefix): v for k, v in sd.items()},
-                                  safe_serialization=True)
+            getattr(self.model, "inner", self.model).save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             load_tokenizer(tokenizer_path).save_pretrained(tmp)
         return path
 

@@ -1,0 +1,83 @@
+"""The OPD student as a learner-group model: the distillation loss is computed inside its forward.
+
+FSDP2 gathers a module's parameters for its forward; the loss needs the student's LM head (a root
+parameter) beside the decoder's states, so `DistillStudent` wraps the Hugging Face model and its
+forward returns the loss itself, the canonical way to use a sharded model. It also owns the
+teacher heads (`HeadStore`: one resident at a time, read from the teachers' checkpoints).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distill.heads import HeadStore
+from distill.loss import distill_loss
+
+Batch = dict[str, torch.Tensor]
+
+
+class DistillStudent(torch.nn.Module):
+    """`inner` is the student (saved as a plain HF checkpoint); `forward(batch)` -> per-token divergence."""
+
+    def __init__(self, inner: torch.nn.Module, teacher_paths: list[str]):
+        super().__init__()
+        self.inner = inner
+        self.heads = HeadStore(teacher_paths)  # moved to the states' device at first use
+
+    def forward(self, batch: Batch, divergence: str, temperature: float, beta: float, chunk_size: int) -> torch.Tensor:
+        """Per-token divergence over the batch's response tokens  # [response tokens]
+
+        batch: input_ids, attention_mask [b, L] (right-padded), prompt_len [b], teacher [b] (one
+        teacher per batch), teacher_hidden [b, R, H] and response_mask [b, R] (R: longest response).
+        """
+        states = self.inner.get_decoder()(input_ids=batch["input_ids"],
+                                          attention_mask=batch["attention_mask"]).last_hidden_state
+        rows = batch["response_mask"].bool()
+        # the state at position t predicts token t + 1: response token j sits at prompt_len + j
+        pos = batch["prompt_len"][:, None] - 1 + torch.arange(rows.shape[1], device=rows.device)[None, :]
+        hs = states.gather(1, pos.clamp(max=states.shape[1] - 1)[..., None].expand(-1, -1, states.shape[-1]))[rows]
+        teacher = int(batch["teacher"][0])
+        self.heads.device = hs.device
+        out = distill_loss(hs, self.inner.get_output_embeddings().weight, batch["teacher_hidden"][rows],
+                           self.heads.get(teacher), divergence=divergence, temperature=temperature, beta=beta,
+                           chunk_size=chunk_size)
+        return out.loss * rows.sum(), out.per_token  # the summed loss (the group divides), and per token
+
+
+def student_loader(path: str, dtype: torch.dtype, teacher_paths: list[str]) -> DistillStudent:
+    """A learner loader (bind `teacher_paths` with functools.partial)."""
+    from experts.models import load_model
+
+    return DistillStudent(load_model(path, dtype), teacher_paths)
+
+
+def opd_objective(model: DistillStudent, mb: Batch, *, divergence: str, temperature: float, beta: float,
+                  chunk_size: int, domains: list[str], teachers: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The learner objective: summed divergence, with per-domain and per-teacher sums and counts."""
+    loss_sum, per_token = model(mb, divergence, temperature, beta, chunk_size)
+    sums: dict[str, float] = {}
+    lens = mb["response_mask"].sum(1).tolist()
+    for d, t, div in zip(mb["domain"].tolist(), mb["teacher"].tolist(), per_token.split([int(n) for n in lens])):
+        for key in (f"domain/{domains[d]}", f"teacher/{teachers[t]}"):
+            sums[f"sum/{key}"] = sums.get(f"sum/{key}", 0.0) + float(div.sum())
+            sums[f"count/{key}"] = sums.get(f"count/{key}", 0.0) + len(div)
+    return loss_sum, sums
+
+
+def collate_teacher_batch(input_ids: list[torch.Tensor], prompt_lens: list[int], hidden: torch.Tensor, teacher: int,
+                          domains: list[int], pad_id: int) -> Batch:
+    """One cache batch (one teacher's samples) as right-padded tensors the group can split by row."""
+    b, width = len(input_ids), max(len(x) for x in input_ids)
+    resp = [len(x) - p for x, p in zip(input_ids, prompt_lens)]
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    th = hidden.new_zeros((b, max(resp), hidden.shape[1]))
+    rmask = torch.zeros((b, max(resp)), dtype=torch.long)
+    row = 0
+    for i, (x, n) in enumerate(zip(input_ids, resp)):
+        ids[i, : len(x)], mask[i, : len(x)] = x, 1
+        th[i, :n], rmask[i, :n] = hidden[row : row + n], 1
+        row += n
+    return {"input_ids": ids, "attention_mask": mask, "prompt_len": torch.tensor(prompt_lens),
+            "teacher_hidden": th, "response_mask": rmask, "teacher": torch.full((b,), teacher),
+            "domain": torch.tensor(domains)}
