@@ -48,7 +48,8 @@ class Config(StageConfig):
     save_every: Steps = Field(50, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Workers, sharding and dtype of "
-                                   "the trainer; batch_size is per worker, batch_size x grad_accum rows per step.")
+                                   "the trainer. A step trains batch_size x grad_accum rows in all, split over the "
+                                   "workers by tokens; each worker runs micro-batches of at most batch_size rows.")
 
     @model_validator(mode="after")
     def _batch_fits(self):

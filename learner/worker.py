@@ -206,7 +206,10 @@ class LearnerWorker:
         return self.step
 
     def node(self) -> str:
-        return f"{node_address()} (pid {os.getpid()})"
+        """Where this rank runs, for logs and errors: address, Ray node id, pid."""
+        import ray
+
+        return f"{node_address()} node {ray.get_runtime_context().get_node_id()[:8]} (pid {os.getpid()})"
 
     def close(self) -> None:
         if dist.is_initialized():
