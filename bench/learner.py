@@ -1,14 +1,19 @@
-"""Learner memory: token log-probs without a full fp32 [B, T, vocab], against the naive log_softmax.
+"""Learner memory: token log-probs without a full fp32 [B, T, vocab], and FSDP2's per-worker state.
 
-    python bench/learner.py                       # B=8, T=2048, vocab 32k, bf16 logits (~1 min, ~9 GiB peak)
+    python bench/learner.py                       # B=8, T=2048, vocab 32k, bf16 logits (~2 min, ~9 GiB peak)
     python bench/learner.py --batch 2 --seq 512   # quicker
 
+1. Token log-probs.
 The learner's case: bf16 logits from the model, token log-probs at the rollout temperature, then
 backward through them. Naive is `log_softmax(logits.float() / t).gather(...)`: it keeps the fp32
 copy and the full fp32 log-softmax for backward. Ours (`experts.grpo_loss.token_logprobs`) works
 `LOGPROB_CHUNK` rows at a time and recomputes each chunk in backward, so beside the logits' own
 gradient it holds one chunk. Each variant runs in its own subprocess (bench/_memory.py); the peak
 counted is above the resident set once the logits exist.
+
+2. Sharding. A learner group of 1 and of 2 FSDP2 workers (Ray, gloo) takes one SFT step on the same
+model (hidden 256, 4 layers, vocab 32k: ~13M parameters); each rank reports the bytes of parameters
+and AdamW state it holds. With 2 workers each should hold about half.
 """
 
 from __future__ import annotations
@@ -51,6 +56,40 @@ def measure(variant: str, batch: int, seq: int, vocab: int, temperature: float) 
                 logp_sum=float(logp.detach().double().sum()), grad_norm=float(logits.grad.float().norm()))
 
 
+def sharded_state_bytes(workers_list=(1, 2)) -> dict[int, int]:
+    """Per-worker parameter + optimizer-state bytes (the largest rank's) after one step, by worker count."""
+    import tempfile
+
+    import ray
+
+    from experts import sft
+    from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
+    from learner.config import LearnerConfig
+    from learner.group import WorkerGroup
+
+    root = Path(tempfile.mkdtemp(prefix="bench_learner_"))
+    tok = train_tokenizer([f"{i} plus {i + 1} is {2 * i + 1}" for i in range(400)], vocab_size=400)
+    model = build_tiny_model(tok, hidden_size=256, num_hidden_layers=4, intermediate_size=704, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=32768, tie_word_embeddings=False)
+    save_checkpoint(model, tok, root / "base")
+    rows = [(list(range(1, 33)), list(range(1, 33)))] * 4
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    out = {}
+    try:
+        for workers in workers_list:
+            cfg = sft.Config(model=str(root / "base"), batch_size=2,
+                             learner=LearnerConfig(workers=workers, cpus_per_worker=1 / workers))
+            group = WorkerGroup(str(root / "base"), cfg.learner, sft.optim(cfg))
+            sft.train_step(group, rows, cfg, tok.pad_token_id)
+            per_rank = group._call("state_bytes")
+            out[workers] = max(r["params"] + r["optimizer"] for r in per_rank)
+            print(f"fsdp2 x{workers}: per-worker params + optimizer state {[r['params'] + r['optimizer'] for r in per_rank]} bytes")
+            group.close()
+    finally:
+        ray.shutdown()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -77,8 +116,11 @@ def main() -> None:
           f"one fp32 [B, T, V] = {full:.0f} MiB")
     rel = abs(naive["logp_sum"] - chunked["logp_sum"]) / abs(naive["logp_sum"])
     print(f"agreement: relative |sum log p| difference {rel:.1e}, |grad| {naive['grad_norm']:.6f} vs {chunked['grad_norm']:.6f}")
+    state = sharded_state_bytes()
     print(f"token log-prob peak memory vs naive log_softmax: ratio {chunked['peak_mib'] / naive['peak_mib']:.3f} "
           f"(target <= 0.25)")
+    print(f"per-worker parameter + optimizer-state bytes, 2 FSDP2 workers vs 1: ratio {state[2] / state[1]:.3f} "
+          f"(target <= 0.55)")
 
 
 if __name__ == "__main__":

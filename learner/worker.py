@@ -202,6 +202,14 @@ class LearnerWorker:
 
         save_sharded(Path(path), self.model, self.opt, self.sched, {"step": self.step, **extra}, self.rank)
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds of parameters and of optimizer state (its shards only, under FSDP2)."""
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 -- a DTensor's own shard
+        params = sum(local(p).numel() * local(p).element_size() for p in self.model.parameters())
+        opt = sum(local(v).numel() * local(v).element_size() for st in (self.opt.state.values() if self.opt else [])
+                  for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        return {"params": params, "optimizer": opt}
+
     def get_step(self) -> int:
         return self.step
 
