@@ -6,7 +6,11 @@ Run each variant in its own subprocess so one's allocations cannot hide another'
 
 from __future__ import annotations
 
+import json
+import os
 import resource
+import subprocess
+import sys
 
 
 def rss_kib(field: str = "VmRSS") -> int:
@@ -42,3 +46,14 @@ class PeakDelta:
     def __exit__(self, *exc) -> None:
         peak = rss_kib("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.mib = (peak - self.before) / 1024
+
+
+def in_subprocesses(script: str, variants: tuple[str, ...], args: dict) -> dict[str, dict]:
+    """Run `script --variant V --k=v ...` once per variant, each in a fresh process; its last stdout
+    line is JSON. The script's main() answers that call by measuring V and printing the result."""
+    results = {}
+    for variant in variants:
+        cmd = [sys.executable, script, "--variant", variant] + [f"--{k}={v}" for k, v in args.items()]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._memory import PeakDelta  # noqa: E402
+from bench._memory import PeakDelta, in_subprocesses  # noqa: E402
 
 
 def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, divergence: str, repeats: int) -> dict:
@@ -75,12 +73,8 @@ def main() -> None:
         print(json.dumps(measure(args.variant, **shape)))
         return
 
-    results = {}
-    for variant in ("naive", "chunked"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [f"--{k}={v}" for k, v in shape.items()]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[variant]
+    results = in_subprocesses(__file__, ("naive", "chunked"), shape)
+    for variant, r in results.items():
         print(f"{variant:8s} loss {r['loss']:.6f}  fwd+bwd {r['seconds']:6.2f} s (best of {args.repeats})  peak +{r['peak_mib']:8.1f} MiB  "
               f"|grad h| {r['grad_norm']:.6f}  |grad W| {r['head_grad_norm']:.6f}  (exact peak: {r['exact_peak']})")
     naive, chunked = results["naive"], results["chunked"]
