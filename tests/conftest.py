@@ -23,7 +23,10 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The embedded local Ray the pipeline starts by default, shared by the tests that need it."""
+    """The embedded local Ray the pipeline starts by default, shared by the tests that need it.
+
+    No test may start or shut down a Ray of its own in this process: a shutdown mid-session pulls
+    Ray from under every later test that uses this fixture."""
     import ray
 
     from pipeline.runner import init_ray

@@ -29,7 +29,10 @@ def two_node_cluster(tmp_path_factory):
     temp = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's unix sockets live under it
     gcs, dash = free_port(), free_port()
     # Ray >= 2.5x turns on token auth for `ray start --head`; a loopback test cluster opts out.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # The cluster's `python` (what a Ray job's entrypoint runs) is this interpreter, as on a real
+    # cluster whose nodes run the environment the pipeline is installed in (a virtualenv in CI).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     # Every node's dashboard agent gets its own port: the default (52365) is taken by any other

@@ -101,14 +101,12 @@ def test_registered_reward_is_built_by_name(flaky):
     assert make_reward("crashes").name == "crashes"
 
 
-def test_ray_workers_survive_a_reward_that_kills_its_process(flaky):
-    ray = pytest.importorskip("ray")
+def test_ray_workers_survive_a_reward_that_kills_its_process(flaky, ray_session):
     from ray import cloudpickle  # the copy Ray pickles with; the standalone package is not a dependency
 
     from rewards.workers import RayRewardPool
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship this file's rewards to the actors
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         pool = RayRewardPool(RewardSpec(weights={"math": 1.0, "dies": 1.0, "crashes": 1.0}), num_workers=2,
                              num_cpus=0.5, batch_timeout_s=60)
@@ -121,4 +119,4 @@ def test_ray_workers_survive_a_reward_that_kills_its_process(flaky):
         assert pool.metrics(results)["reward/dies/failed"] == 0.5
         pool.close()
     finally:
-        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

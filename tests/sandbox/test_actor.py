@@ -15,14 +15,12 @@ TASKS = Path(__file__).resolve().parents[2] / "sandbox" / "tasks"
 
 
 @pytest.fixture(scope="module")
-def ray_pool():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_pool(ray_session):
     actor = serve_pool(size=2, limits=Limits(memory_mb=256, pids=64, timeout_s=5.0), name="test-sandbox-pool")
     yield actor
     names = ray.get(actor.info.remote())["containers"]
     ray.get(actor.close.remote())
     ray.kill(actor)
-    ray.shutdown()
     live = subprocess.run(["docker", "ps", "-aq", "--filter", "label=opd.sandbox"], capture_output=True, text=True)
     assert not set(names) & set(live.stdout.split())
 
