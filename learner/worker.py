@@ -71,8 +71,12 @@ class LearnerWorker:
                                     world_size=world, timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
         dtype = getattr(torch, cfg.dtype)
         model = loader(model_path, dtype).to(self.device)
-        if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.activation_checkpointing:
+            inner = getattr(model, "inner", model)  # a loss-computing wrapper keeps the HF model there
+            if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5
+                inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self._shard(model)
         self.opt = self.sched = None
         if optim is not None:

@@ -108,3 +108,25 @@ def test_two_workers_take_the_same_grpo_step_as_one(ray_cluster, tiny_base, tmp_
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     print(f"{strategy}: max |1 worker - 2 workers| {diff:.2e}")
     assert diff <= 1e-5
+
+
+def test_activation_checkpointing_changes_memory_not_the_step(tiny_base, tmp_path):
+    tok, rows = sft_rows(tiny_base)
+    got = []
+    for ckpt in (False, True):
+        cfg = sft.Config(model=str(tiny_base), batch_size=4, lr=1e-3, warmup_steps=0,
+                         learner=LearnerConfig(activation_checkpointing=ckpt))
+        group = WorkerGroup(str(tiny_base), cfg.learner, sft.optim(cfg), local=True)
+        sft.train_step(group, rows, cfg, tok.pad_token_id)
+        got.append(group.state_dict())
+    assert max(float((got[0][k] - got[1][k]).abs().max()) for k in got[0]) <= 1e-6
+
+
+def test_bfloat16_weights_train_and_save_in_bfloat16(tiny_base, tmp_path):
+    tok, rows = sft_rows(tiny_base)
+    cfg = sft.Config(model=str(tiny_base), batch_size=4, lr=1e-2, warmup_steps=0, learner=LearnerConfig(dtype="bfloat16"))
+    group = WorkerGroup(str(tiny_base), cfg.learner, sft.optim(cfg), local=True)
+    losses = [sft.train_step(group, rows, cfg, tok.pad_token_id)["loss"] for _ in range(5)]
+    assert losses[-1] < losses[0]
+    saved = load_model(group.save_hf(tmp_path / "bf16", str(tiny_base)), dtype=torch.bfloat16)
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
