@@ -8,7 +8,7 @@ The learner's case: bf16 logits from the model, token log-probs at the rollout t
 backward through them. Naive is `log_softmax(logits.float() / t).gather(...)`: it keeps the fp32
 copy and the full fp32 log-softmax for backward. Ours (`experts.grpo_loss.token_logprobs`) works
 `LOGPROB_CHUNK` rows at a time and recomputes each chunk in backward, so beside the logits' own
-gradient it holds one chunk. Each variant runs in its own subprocess (bench/_memory.py); the peak
+gradient it holds one chunk. Each variant runs in its own subprocess (bench/support/memory.py); the peak
 counted is above the resident set once the logits exist.
 
 2. Sharding. A learner group of 1 and of 2 FSDP2 workers (Ray, gloo) takes one SFT step on the same
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._memory import PeakDelta, in_subprocesses  # noqa: E402
+from bench.support.memory import PeakDelta, in_subprocesses  # noqa: E402
 
 
 def measure(variant: str, batch: int, seq: int, vocab: int, temperature: float) -> dict:

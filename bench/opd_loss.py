@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._memory import PeakDelta, in_subprocesses  # noqa: E402
+from bench.support.memory import PeakDelta, in_subprocesses  # noqa: E402
 
 
 def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, divergence: str, repeats: int) -> dict:
