@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 LossAgg = Literal["token_mean", "seq_mean"]
 

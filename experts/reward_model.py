@@ -15,10 +15,8 @@ trained model as the `reward_model` reward.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
