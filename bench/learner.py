@@ -79,7 +79,7 @@ def sharded_state_bytes(workers_list=(1, 2)) -> dict[int, int]:
                              learner=LearnerConfig(workers=workers, cpus_per_worker=1 / workers))
             group = WorkerGroup(str(root / "base"), cfg.learner, sft.optim(cfg))
             sft.train_step(group, rows, cfg, tok.pad_token_id)
-            per_rank = group._call("state_bytes")
+            per_rank = group.state_bytes()
             out[workers] = max(r["params"] + r["optimizer"] for r in per_rank)
             print(f"fsdp2 x{workers}: per-worker params + optimizer state {[r['params'] + r['optimizer'] for r in per_rank]} bytes")
             group.close()

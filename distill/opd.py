@@ -36,7 +36,7 @@ from distill.rollout import Rollout, RolloutFn, generate_rollouts, write_teacher
 from distill.student import collate_teacher_batch, opd_objective, student_loader
 from experts.data import DataConfig, load_samples
 from experts.models import load_model, load_tokenizer
-from learner.checkpoint import latest_checkpoint, truncate_metrics
+from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
 from learner.optim import Optim
@@ -119,7 +119,7 @@ def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollout
     cache_root = cfg.cache_url or str(ctx.out_dir / "cache")
 
     resume = latest_checkpoint(ctx.checkpoint_dir)
-    start = int(resume.name.split("_")[1]) + 1 if resume else 1  # checkpoints are named by round
+    start = checkpoint_step(resume) + 1 if resume else 1  # checkpoints are named by round
     optim = Optim(lr=cfg.lr, total_steps=cfg.rounds * cfg.steps_per_round, weight_decay=cfg.weight_decay,
                   max_grad_norm=cfg.max_grad_norm, betas=(0.9, 0.999))  # constant LR, AdamW's defaults
     loader = functools.partial(student_loader, teacher_paths=[str(p) for p in teacher_paths])

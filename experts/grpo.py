@@ -39,7 +39,7 @@ from experts.grpo_loss import (
 from experts.models import load_tokenizer
 from experts.rollout import Rollout, RolloutConfig, RolloutWorker
 from learner.batching import batch_plan
-from learner.checkpoint import latest_checkpoint, truncate_metrics
+from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
 from learner.optim import Optim
@@ -159,6 +159,12 @@ def pad_rows(rows: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def sequence_logprobs(group: WorkerGroup, batch: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
+    """log pi of every next token of `batch` at the rollout temperature, [B, L-1], on `group`'s workers."""
+    fn = functools.partial(logprobs_fn, temperature=cfg.rollout.temperature)
+    return group.forward(batch, fn, cfg.micro_batch_size)
+
+
 class ReferencePolicy:
     """The frozen reference policy as a learner group without an optimizer: only log-probs, for the KL term."""
 
@@ -170,14 +176,13 @@ class ReferencePolicy:
         self.group = WorkerGroup(model_path, ref, None, name="grpo reference", local=local)
 
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        fn = functools.partial(logprobs_fn, temperature=self.cfg.rollout.temperature)
-        return self.group.forward(batch, fn, self.cfg.micro_batch_size)
+        return sequence_logprobs(self.group, batch, self.cfg)
 
     def close(self) -> None:
         self.group.close()
 
 
-class GRPOLearner(ReferencePolicy):
+class GRPOLearner:
     """The policy's trainer (a learner group); one `train_step` is one GRPO step's updates on one rollout batch.
 
     Called by the stage (the single controller); how many workers hold the policy is the group's business.
@@ -191,7 +196,10 @@ class GRPOLearner(ReferencePolicy):
                       min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm)
         self.group = WorkerGroup(model_path, cfg.learner, optim, resume=resume_from, name="grpo learner", local=local)
         self.tokenizer_path = model_path
-        self.step = int(resume_from.rsplit("_", 1)[1]) if resume_from else 0  # checkpoints are named by GRPO step
+        self.step = checkpoint_step(resume_from) if resume_from else 0  # checkpoints are named by GRPO step
+
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_logprobs(self.group, batch, self.cfg)
 
     def prompt_logprobs(self, rows: list[list[int]]) -> list[list[float]]:
         """Teacher-forced log-probs of each row's tokens 1..n (the weight-sync probe)."""
@@ -240,6 +248,9 @@ class GRPOLearner(ReferencePolicy):
 
     def save_final(self, path: str) -> str:
         return str(self.group.save_hf(path, self.tokenizer_path))
+
+    def close(self) -> None:
+        self.group.close()
 
 
 def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], cfg: Config) -> tuple[list[int], list[float], dict]:

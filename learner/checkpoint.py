@@ -3,7 +3,7 @@ by any number of workers, plus the trainer state beside them.
 
     checkpoints/step_N/
         dcp/            each rank's shards of model and optimizer state (DCP reshards on load)
-        trainer.pt      step, LR schedule, RNG (rank 0's), and what the stage adds (data position)
+        trainer.pt      optimizer steps taken, LR schedule, RNG (rank 0's); the stage's own step is N
         COMPLETE        written last: a step_N without it is an interrupted save and is ignored
 
 The final `model/` is a full, gathered Hugging Face checkpoint (`LearnerWorker.save_hf`).
@@ -76,12 +76,21 @@ def finish(tmp: Path, final: Path, step: int, keep: int) -> Path:
     return final
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The stage step a checkpoint `.../step_N` was saved after (what a resumed stage continues from).
+
+    >>> checkpoint_step("runs/wf/grpo/checkpoints/step_40")
+    40
+    """
+    return int(Path(path).name.removeprefix("step_"))
+
+
 def list_checkpoints(path: Path) -> list[Path]:
     """Complete checkpoints under `path`, oldest first."""
     if not path.exists():
         return []
     found = [p for p in path.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "COMPLETE").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(path: Path) -> Path | None:

@@ -183,13 +183,17 @@ class WorkerGroup:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        self._call("save_sharded", str(tmp), {"stage_step": step})
+        self._call("save_sharded", str(tmp))
         return finish(tmp, final, step, keep)
 
     def save_hf(self, path: Path, tokenizer_path: str) -> Path:
         """A full, gathered Hugging Face checkpoint at `path` (AutoModelForCausalLM loads it)."""
         self._call("save_hf", str(path), str(tokenizer_path))
         return Path(path)
+
+    def state_bytes(self) -> list[dict[str, int]]:
+        """Bytes of parameters and optimizer state each rank holds (its shards), in rank order."""
+        return self._call("state_bytes")
 
     def close(self) -> None:
         if self.local:

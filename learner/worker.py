@@ -200,11 +200,11 @@ class LearnerWorker:
             load_tokenizer(tokenizer_path).save_pretrained(tmp)
         return path
 
-    def save_sharded(self, path: str, extra: dict) -> None:
-        """Resumable checkpoint: each rank writes its shards; `extra` (step, data position) beside them."""
+    def save_sharded(self, path: str) -> None:
+        """Resumable checkpoint: each rank writes its shards; rank 0 the step count, schedule and RNG."""
         from learner.checkpoint import save_sharded
 
-        save_sharded(Path(path), self.model, self.opt, self.sched, {"step": self.step, **extra}, self.rank)
+        save_sharded(Path(path), self.model, self.opt, self.sched, {"step": self.step}, self.rank)
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds of parameters and of optimizer state (its shards only, under FSDP2)."""
