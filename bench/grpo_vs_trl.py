@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from experts.data import DataConfig, load_samples, sample_texts  # noqa: E402
 from experts.grpo import Config, GRPOLearner, collate_rollouts, score_and_advantages  # noqa: E402
 from experts.models import build_tiny_model, load_model, load_tokenizer, save_checkpoint, train_tokenizer  # noqa: E402
-from experts.rollout import RolloutConfig, RolloutWorker  # noqa: E402
+from rollout.config import RolloutConfig  # noqa: E402
+from rollout.worker import RolloutWorker  # noqa: E402
 from experts.sft import Config as SFTConfig  # noqa: E402
 from experts.sft import build_rows, optim, train_step  # noqa: E402
 from learner.batching import batch_plan  # noqa: E402

@@ -1,6 +1,7 @@
 """Stage `opd`: merge domain experts into one student by on-policy distillation (DeepSeek-V4 recipe).
 
-Each round: the student samples responses to prompts from every domain (generate); each teacher in
+Each round: the student's weights go to the rollout workers (sync), which sample responses to
+prompts from every domain on HF or vLLM, the same rollout as GRPO's (generate); each teacher in
 turn encodes the samples of its domains and its last-layer states go to the cache (teacher_forward);
 the student then streams the cache teacher by teacher and minimises the per-token divergence to the
 teacher of each sample's domain, with one teacher LM head in memory at a time (train).
@@ -17,6 +18,7 @@ teacher of each sample's domain, with one teacher LM head in memory at a time (t
           - {domain: math, source: jsonl, path: data/math.jsonl}
           - {domain: code, source: jsonl, path: data/code.jsonl}
         rounds: 4
+        rollout: {backend: vllm, max_new_tokens: 128}
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.cache import CacheReader, CacheWriter, prune_rounds
-from distill.rollout import Rollout, RolloutFn, generate_rollouts, write_teacher_cache
+from distill.teacher import write_teacher_cache
 from distill.student import collate_teacher_batch, opd_objective, student_loader
 from experts.data import DataConfig, load_samples
 from experts.models import load_model, load_tokenizer
@@ -40,8 +42,13 @@ from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metr
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
 from learner.optim import Optim
-from pipeline.config import MAX_BATCH, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens, UserError
+from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens, UserError
 from pipeline.context import MODEL_DIR, StageContext, timer
+from rollout.config import RolloutConfig
+from rollout.sync import sync_weights
+from rollout.turns import render_prompt
+from rollout.types import Rollout
+from rollout.worker import generate_on, start_workers, stop_workers
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +67,10 @@ class Config(StageConfig):
     data: list[DataConfig] = Field(min_length=1, description="Prompt sources; a sample's domain picks its teacher.")
     rounds: Steps = Field(4, description="Rounds of generate -> teacher forward -> train (at most 1,000,000).")
     prompts_per_round: BatchSize = Field(64, description="Prompts sampled per round, split evenly over domains (at most 65,536).")
-    max_new_tokens: Tokens = Field(64, description="Longest student response (at most 2^20 tokens).")
-    temperature: float = Field(1.0, gt=0, description="Student sampling temperature (on-policy: keep 1).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Student nucleus sampling.")
-    generate_batch_size: BatchSize = Field(32, description="Prompts per `generate` call.")
+    rollout: RolloutConfig = Field(
+        default_factory=lambda: RolloutConfig(group_size=1, reasoning="think", batch_size=32),
+        description="How the student samples (the rollout GRPO uses): engine, workers, max_new_tokens, "
+                    "temperature (on-policy: keep 1); group_size responses per prompt.")
     teacher_batch_size: BatchSize = Field(16, description="Sequences per teacher forward pass.")
     steps_per_round: int = Field(1, ge=1, le=MAX_BATCH, description="Optimizer steps per round, each over a mix of all domains; "
                                                    "1 is strictly on-policy. Heads load once per teacher per step.")
@@ -82,7 +89,7 @@ class Config(StageConfig):
     cache_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of cached states.")
     shard_tokens: Tokens = Field(65536, description="Response tokens per cache shard (at most, roughly).")
     keep_rounds: int = Field(1, ge=0, le=1000, description="Finished rounds' caches to keep; 0 deletes each after training.")
-    device: str = Field("auto", description="Where the driver samples the student and runs the teachers: "
+    device: str = Field("auto", description="Where the driver runs the teachers: "
                                             "'auto' (cuda if available), 'cpu' or 'cuda'.")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest round checkpoints kept on disk.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Workers, sharding and dtype of the "
@@ -90,6 +97,10 @@ class Config(StageConfig):
 
     @model_validator(mode="after")
     def _one_teacher_per_domain(self):
+        ro = self.rollout
+        if ro.max_new_tokens > MAX_TOKENS or self.prompts_per_round * ro.group_size > MAX_BATCH:
+            raise ValueError(f"rollout.max_new_tokens is at most {MAX_TOKENS} and prompts_per_round x "
+                             f"rollout.group_size at most {MAX_BATCH}")
         owner: dict[str, int] = {}
         for i, t in enumerate(self.teachers):
             for d in t.domains:
@@ -99,11 +110,11 @@ class Config(StageConfig):
         return self
 
 
-def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollouts, local: bool = False) -> None:
+def run(cfg: Config, ctx: StageContext, local: bool = False) -> None:
     """Distil the teachers into the student for `cfg.rounds` rounds; resume from the last round checkpoint.
 
-    The student trains as a learner group (`local=True`: one rank in this process, for tests); the
-    driver samples from a copy of its weights and runs the teachers, one at a time.
+    The student trains as a learner group and samples on rollout workers (`local=True`: one rank
+    and one rollout worker in this process, for tests); the driver runs the teachers, one at a time.
     """
     # ---- set-up: resolve models, check tokenizers, route prompts, resume
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -117,6 +128,7 @@ def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollout
     by_domain = _prompts_by_domain(cfg.data, route)
     domains = list(by_domain)
     cache_root = cfg.cache_url or str(ctx.out_dir / "cache")
+    probe = [render_prompt(tokenizer, s[0]["messages"], cfg.rollout.thinking()) for s in list(by_domain.values())[:4]]
 
     resume = latest_checkpoint(ctx.checkpoint_dir)
     start = checkpoint_step(resume) + 1 if resume else 1  # checkpoints are named by round
@@ -127,79 +139,92 @@ def run(cfg: Config, ctx: StageContext, rollout_fn: RolloutFn = generate_rollout
                         name=ctx.name, local=local)
     objective = functools.partial(opd_objective, divergence=cfg.divergence, temperature=cfg.loss_temperature,
                                   beta=cfg.beta, chunk_size=cfg.chunk_size, domains=domains, teachers=names)
-    student = load_model(student_path).to(device).eval()  # the driver's sampler: the group's weights, each round
-    if resume:
-        truncate_metrics(ctx.out_dir, start - 1)
-        log.info("opd: resuming after round %d from %s", start - 1, resume)
-    log.info("opd: %d teachers, %d domains, rounds %d..%d, cache %s", len(names), len(by_domain), start, cfg.rounds,
-             cache_root)
+    workers = start_workers(str(student_path), cfg.rollout, seed=ctx.seed, local=local)
+    try:
+        if resume:
+            truncate_metrics(ctx.out_dir, start - 1)
+            log.info("opd: resuming after round %d from %s", start - 1, resume)
+        log.info("opd: %d teachers, %d domains, rounds %d..%d, cache %s", len(names), len(by_domain), start,
+                 cfg.rounds, cache_root)
+        for r in range(start, cfg.rounds + 1):
+            _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, names, teacher_paths,
+                   cache_root, probe, device)
+        group.save_hf(ctx.out_dir / MODEL_DIR, str(student_path))
+    finally:
+        stop_workers(workers)
+        group.close()
 
-    loads = 0
-    for r in range(start, cfg.rounds + 1):
-        times: dict[str, float] = {}
-        policy = f"{ctx.name} after round {r - 1}"  # the cache of this round is valid only for this student
-        samples = _round_prompts(by_domain, r, cfg.prompts_per_round)
 
-        with timer("generate", times):
-            student.load_state_dict(group.state_dict())
-            rollouts = rollout_fn(student, tokenizer, samples, max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generate_batch_size,
-                                  seed=ctx.seed * 100003 + r)
+def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, names, teacher_paths, cache_root,
+           probe, device) -> None:
+    """One round: sync and sample, teacher forward into the cache, train on it, checkpoint."""
+    domains = list(by_domain)
+    times: dict[str, float] = {}
+    policy = f"{ctx.name} after round {r - 1}"  # the cache of this round is valid only for this student
+    samples = _round_prompts(by_domain, r, cfg.prompts_per_round)
 
-        with timer("teacher_forward", times):
-            groups: dict[tuple[int, int], list[Rollout]] = defaultdict(list)  # (teacher, step) -> rollouts
-            for i, ro in enumerate(rollouts):
-                groups[(route[ro.domain], i % cfg.steps_per_round)].append(ro)
-            teachers = [{"name": n, "path": str(p), "domains": list(t.domains)}  # the cache checks each sample's
-                        for n, p, t in zip(names, teacher_paths, cfg.teachers)]     # domain against its teacher
-            writer = CacheWriter(cache_root, r, teachers, policy=policy, dtype=getattr(torch, cfg.cache_dtype),
-                                 shard_rows=cfg.shard_tokens)
-            write_teacher_cache(groups, teacher_paths, writer, tokenizer.pad_token_id, load_model,
-                                cfg.teacher_batch_size, device)
-            index = writer.close()
+    with timer("sync", times):
+        synced = sync_weights(group, workers, probe, cfg.rollout.sync_bucket_mb)
+    with timer("generate", times):
+        rollouts = [ro for ro in generate_on(workers, samples, step=r, episodes=False) if ro.response_ids]
 
-        with timer("train", times):
-            sums: dict[str, float] = defaultdict(float)  # divergence summed per domain / teacher, and counts
-            reader = CacheReader(cache_root, r, policy=policy, batch_tokens=cfg.batch_tokens)
-            step_tokens, parts, step = reader.step_tokens(), [], None
-            for batch in [*reader, None]:  # (step, teacher) order: each rank swaps heads once per teacher per step
-                if parts and (batch is None or batch.step != step):
-                    out = group.train_step(parts, objective, denominator=step_tokens[step],
-                                           micro_batch_size=max(len(p["input_ids"]) for p in parts),
-                                           label=f"round {r} step {step + 1}")
-                    for k, v in out.items():
-                        sums[k] += v
-                    parts = []
-                if batch is not None:
-                    step = batch.step
-                    parts.append(collate_teacher_batch(batch.input_ids, batch.prompt_lens, batch.hidden,
-                                                       batch.teacher, [domains.index(d) for d in batch.domains],
-                                                       tokenizer.pad_token_id))
-            loads_before, loads = loads, group.apply(_release_heads)[0]
+    with timer("teacher_forward", times):
+        groups: dict[tuple[int, int], list[Rollout]] = defaultdict(list)  # (teacher, step) -> rollouts
+        for i, ro in enumerate(rollouts):
+            groups[(route[ro.domain], i % cfg.steps_per_round)].append(ro)
+        teachers = [{"name": n, "path": str(p), "domains": list(t.domains)}  # the cache checks each sample's
+                    for n, p, t in zip(names, teacher_paths, cfg.teachers)]     # domain against its teacher
+        writer = CacheWriter(cache_root, r, teachers, policy=policy, dtype=getattr(torch, cfg.cache_dtype),
+                             shard_rows=cfg.shard_tokens)
+        write_teacher_cache(groups, teacher_paths, writer, tokenizer.pad_token_id, load_model,
+                            cfg.teacher_batch_size, device)
+        index = writer.close()
 
-        # ---- end of round: checkpoint first, so a kill after it never repeats the round
-        group.save(ctx.checkpoint_dir, r, cfg.keep_checkpoints)
-        prune_rounds(cache_root, cfg.keep_rounds)
-        tokens = sum(v for k, v in sums.items() if k.startswith("count/domain/"))
-        divergences = {k.removeprefix("sum/"): v / sums["count/" + k.removeprefix("sum/")]
-                       for k, v in sums.items() if k.startswith("sum/")}
-        n_bytes = sum(s["bytes"] for s in index["shards"])
-        loss = sum(v for k, v in sums.items() if k.startswith("sum/domain/")) / max(tokens, 1)
-        ctx.log_metrics(r, {
-            "round": r,
-            "loss": loss,
-            **{f"{cfg.divergence}/{k}": v for k, v in sorted(divergences.items())},
-            "response_len/mean": sum(len(ro.response_ids) for ro in rollouts) / max(len(rollouts), 1),
-            "samples": len(rollouts),
-            "tokens": tokens,
-            "cache/bytes_per_token": n_bytes / max(tokens, 1),
-            "heads/loads": loads - loads_before,  # rank 0's head reads this round
-            **times,
-        })
-        log.info("opd round %d: loss %.4f over %d tokens", r, loss, tokens)
+    with timer("train", times):
+        loads_before = group.apply(_head_loads)[0]
+        sums: dict[str, float] = defaultdict(float)  # divergence summed per domain / teacher, and counts
+        reader = CacheReader(cache_root, r, policy=policy, batch_tokens=cfg.batch_tokens)
+        step_tokens, parts, step = reader.step_tokens(), [], None
+        for batch in [*reader, None]:  # (step, teacher) order: each rank swaps heads once per teacher per step
+            if parts and (batch is None or batch.step != step):
+                out = group.train_step(parts, objective, denominator=step_tokens[step],
+                                       micro_batch_size=max(len(p["input_ids"]) for p in parts),
+                                       label=f"round {r} step {step + 1}")
+                for k, v in out.items():
+                    sums[k] += v
+                parts = []
+            if batch is not None:
+                step = batch.step
+                parts.append(collate_teacher_batch(batch.input_ids, batch.prompt_lens, batch.hidden,
+                                                   batch.teacher, [domains.index(d) for d in batch.domains],
+                                                   tokenizer.pad_token_id))
+        loads = group.apply(_release_heads)[0]
 
-    group.save_hf(ctx.out_dir / MODEL_DIR, str(student_path))
-    group.close()
+    # ---- end of round: checkpoint first, so a kill after it never repeats the round
+    group.save(ctx.checkpoint_dir, r, cfg.keep_checkpoints)
+    prune_rounds(cache_root, cfg.keep_rounds)
+    tokens = sum(v for k, v in sums.items() if k.startswith("count/domain/"))
+    divergences = {k.removeprefix("sum/"): v / sums["count/" + k.removeprefix("sum/")]
+                   for k, v in sums.items() if k.startswith("sum/")}
+    n_bytes = sum(s["bytes"] for s in index["shards"])
+    loss = sum(v for k, v in sums.items() if k.startswith("sum/domain/")) / max(tokens, 1)
+    ctx.log_metrics(r, {
+        "round": r,
+        "loss": loss,
+        **{f"{cfg.divergence}/{k}": v for k, v in sorted(divergences.items())},
+        "response_len/mean": sum(len(ro.response_ids) for ro in rollouts) / max(len(rollouts), 1),
+        "samples": len(rollouts),
+        "tokens": tokens,
+        "cache/bytes_per_token": n_bytes / max(tokens, 1),
+        "heads/loads": loads - loads_before,  # rank 0's head reads this round
+        **{k: v for k, v in synced.items() if k != "sync/bytes"},
+        **times,
+    })
+    log.info("opd round %d: loss %.4f over %d tokens", r, loss, tokens)
+
+
+def _head_loads(model) -> int:
+    return len(model.heads.loads)
 
 
 def _release_heads(model) -> int:

@@ -24,12 +24,20 @@ class DistillStudent(torch.nn.Module):
         self.inner = inner
         self.heads = HeadStore(teacher_paths)  # moved to the states' device at first use
 
-    def forward(self, batch: Batch, divergence: str, temperature: float, beta: float, chunk_size: int) -> torch.Tensor:
+    def forward(self, batch: Batch, divergence: str | None, temperature: float = 1.0, beta: float = 0.5,
+                chunk_size: int = 512) -> torch.Tensor:
         """Per-token divergence over the batch's response tokens  # [response tokens]
 
         batch: input_ids, attention_mask [b, L] (right-padded), prompt_len [b], teacher [b] (one
         teacher per batch), teacher_hidden [b, R, H] and response_mask [b, R] (R: longest response).
+        With `divergence` None the student is a plain LM: each next token's log-prob at `temperature`,
+        [b, L-1] (the weight-sync probe; under FSDP2 every forward must enter through this root module).
         """
+        if divergence is None:
+            from experts.grpo_loss import token_logprobs
+
+            logits = self.inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            return token_logprobs(logits, batch["input_ids"][:, 1:], temperature)
         states = self.inner.get_decoder()(input_ids=batch["input_ids"],
                                           attention_mask=batch["attention_mask"]).last_hidden_state
         rows = batch["response_mask"].bool()

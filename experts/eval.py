@@ -8,13 +8,12 @@ from typing import Literal
 import ray
 from pydantic import Field, model_validator
 
-from experts.agent_rollout import AgentConfig
+from typing import Any
+
 from experts.data import DataConfig, load_samples
-from experts.generate import generate
-from experts.models import load_model, load_tokenizer
-from experts.train import pick_device, set_threads
 from pipeline.config import MAX_TOKENS, BatchSize, ModelRef, StageConfig, Tokens
 from pipeline.context import StageContext, atomic_write_json
+from rollout.config import AgentConfig, Backend, RolloutConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,9 @@ class Config(StageConfig):
     batch_size: BatchSize = Field(64, description="Prompts per generate call (at most 65,536).")
     enable_thinking: bool = Field(True, description="False pre-fills an empty think block (non-think mode).")
     threads: int = Field(0, ge=0, le=4096, description="CPU threads per evaluation task (0: all cores).")
+    backend: Backend = Field("hf", description="Rollout engine that generates (greedy): hf or vllm (rollout.backend).")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for vllm.LLM (backend: vllm).")
+    num_gpus: float = Field(0, ge=0, le=64, description="GPUs each evaluation task reserves (vllm on GPU: 1).")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Episode limits for domain agent (needs Docker).")
 
     @model_validator(mode="after")
@@ -65,39 +67,37 @@ def score_completions(metric: str, samples: list[dict], completions: list[str]) 
             reward.close()
 
 
-def score_episodes(model_path: str, samples: list[dict], cfg: Config) -> dict:
-    """One greedy episode per agent task in a sandbox session; the task's check decides 0 or 1."""
-    from experts.rollout import RolloutConfig, RolloutWorker
-
-    rollout = RolloutConfig(max_new_tokens=cfg.max_new_tokens, threads=cfg.threads,
-                            reasoning="think_max" if cfg.enable_thinking else "non_think")
-    # One greedy episode per task: past the config's sampling bounds on purpose, so no validation.
-    worker = RolloutWorker(model_path, rollout.model_copy(update={"group_size": 1, "temperature": 0.0}), cfg.agent)
-    try:
-        episodes = [r.episode for r in worker.generate(samples)]
-    finally:
-        worker.close()
-    examples = [{"prompt": s["messages"][-1]["content"], "answer": s["answer"], "completion": e["messages"][len(s["messages"]):]}
-                for s, e in list(zip(samples, episodes))[:3]]
-    return {"score": sum(e["reward"] for e in episodes) / len(episodes), "n": len(episodes), "examples": examples}
+def greedy_rollout(cfg: Config, agent: bool) -> RolloutConfig:
+    """One greedy completion per sample on the configured engine; agent episodes think until the answer reserve."""
+    reasoning = ("think_max" if agent else "think") if cfg.enable_thinking else "non_think"
+    return RolloutConfig(backend=cfg.backend, vllm=cfg.vllm, group_size=1, temperature=0.0, reasoning=reasoning,
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, threads=cfg.threads)
 
 
 def score_model(model_path: str, samples: list[dict], cfg: Config) -> dict:
-    """Generate greedily for `samples` and score each; returns the mean and a few examples."""
-    set_threads(cfg.threads)
-    if samples[0]["domain"] == "agent":
-        return score_episodes(model_path, samples, cfg)
-    tok, model = load_tokenizer(model_path), load_model(model_path).to(pick_device())
-    gens = generate(model, tok, [s["messages"] for s in samples], cfg.max_new_tokens,
-                    batch_size=cfg.batch_size, enable_thinking=cfg.enable_thinking)
-    hits = score_completions(metric_for(cfg.metric, samples[0]["domain"]), samples, [g.text for g in gens])
-    examples = [{"prompt": s["messages"][-1]["content"], "answer": s["answer"], "completion": g.text}
-                for g, s in list(zip(gens, samples))[:3]]
-    return {"score": sum(hits) / len(hits), "n": len(hits), "examples": examples}
+    """Generate greedily for `samples` (agent tasks: one episode each) and score each; the mean and a few examples."""
+    from rollout.worker import RolloutWorker
+
+    agent = samples[0]["domain"] == "agent"
+    worker = RolloutWorker(model_path, greedy_rollout(cfg, agent), cfg.agent)
+    try:
+        rollouts = worker.generate(samples)
+    finally:
+        worker.close()
+    if agent:
+        hits = [r.episode["reward"] for r in rollouts]
+        examples = [{"prompt": s["messages"][-1]["content"], "answer": s["answer"],
+                     "completion": r.episode["messages"][len(s["messages"]):]} for s, r in list(zip(samples, rollouts))[:3]]
+    else:
+        hits = score_completions(metric_for(cfg.metric, samples[0]["domain"]), samples, [r.text for r in rollouts])
+        examples = [{"prompt": s["messages"][-1]["content"], "answer": s["answer"], "completion": r.text}
+                    for r, s in list(zip(rollouts, samples))[:3]]
+    return {"score": sum(hits) / len(hits), "n": len(hits), "examples": examples,
+            "completions": [r.text for r in rollouts]}
 
 
 def run(cfg: Config, ctx: StageContext) -> None:
-    score = ray.remote(num_cpus=1)(score_model)
+    score = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus)(score_model)
     results: dict[str, dict[str, dict]] = {}
     for data in cfg.data:
         samples = load_samples(data, "heldout")[: cfg.limit]

@@ -4,10 +4,12 @@ Set-up (samples, prompt plan, actors), one loop of steps, save. Each step:
 
     generate  rollout actors sample G responses per prompt (agent prompts: sandbox episodes)
     score     reward actors score them (`rewards.RewardSpec`); overlong shaping; group advantages
-    train     the learner recomputes old log-probs, then epochs x mini-batches of clipped updates
-    sync      new weights go to the rollout actors, and a probe batch proves they arrived
+    train     epochs x mini-batches of clipped updates, each token weighted by truncated IS when the
+              rollout engine differs from the learner (old log-probs get their own forward pass
+              only when there is more than one update per batch: with one, they are the update's own)
+    sync      new weights stream to the rollout actors layer by layer; a probe batch proves they arrived
 
-Ray actors are thin shells over plain classes: `RolloutWorker` (experts.rollout), `GRPOLearner`
+Ray actors are thin shells over plain classes: `RolloutWorker` (rollout.worker), `GRPOLearner`
 and `ReferencePolicy` (here; the reference is skipped when `kl_coef` is 0), `RayRewardPool`
 (rewards.workers). The math lives in `experts.grpo_loss`; docs/grpo.md lists every choice.
 """
@@ -17,16 +19,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections import defaultdict
 from typing import Literal
 
-import ray
 import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from experts.agent_rollout import AgentConfig
 from experts.data import DataConfig, load_samples
-from experts.generate import render_prompt
 from experts.grpo_loss import (
     LossAgg,
     entropy_from_logits,
@@ -35,9 +35,9 @@ from experts.grpo_loss import (
     overlong_penalty,
     policy_loss,
     token_logprobs,
+    truncated_is_weights,
 )
 from experts.models import load_tokenizer
-from experts.rollout import Rollout, RolloutConfig, RolloutWorker
 from learner.batching import batch_plan
 from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
@@ -46,6 +46,11 @@ from learner.optim import Optim
 from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps
 from pipeline.context import MODEL_DIR, StageContext, timer
 from rewards import CombinedReward, RewardResult, RewardSpec
+from rollout.config import AgentConfig, RolloutConfig
+from rollout.sync import sync_weights
+from rollout.turns import render_prompt
+from rollout.types import Rollout
+from rollout.worker import generate_on, start_workers, stop_workers
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +94,12 @@ class Config(StageConfig):
 
     @model_validator(mode="after")
     def _rollout_fits(self):
-        """The rollout's own config (experts.rollout) is bounded here, where its sizes multiply."""
+        """The rollout's own config (rollout.config) is bounded here, where its sizes multiply."""
         ro = self.rollout
+        if ro.group_size < 2:
+            raise ValueError(f"rollout.group_size is {ro.group_size}; GRPO's advantages need at least 2 responses per prompt")
+        if ro.temperature == 0:
+            raise ValueError("rollout.temperature is 0 (greedy): GRPO needs sampled responses that differ")
         for field, value, most in (
             ("prompts_per_step x rollout.group_size", self.prompts_per_step * ro.group_size, MAX_BATCH),
             ("rollout.max_new_tokens", ro.max_new_tokens, MAX_TOKENS),
@@ -136,18 +145,30 @@ def logprobs_fn(model, mb: dict[str, torch.Tensor], temperature: float) -> torch
 
 
 def grpo_loss(model, mb: dict[str, torch.Tensor], *, temperature: float, clip_low: float, clip_high: float,
-              loss_agg: LossAgg, kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+              loss_agg: LossAgg, kl_coef: float, tis_cap: float | None) -> tuple[torch.Tensor, dict[str, float]]:
     """The learner objective: the clipped surrogate summed over the micro-batch (the group divides by the
-    mini-batch's tokens or sequences), with token-weighted sums of its statistics."""
+    mini-batch's tokens or sequences), with token-weighted sums of its statistics.
+
+    Without `old_logp` in the micro-batch (one update per rollout batch) the old policy is this very
+    forward pass, detached: ratio 1, no clipping, and the same gradient as with a second pass.
+    """
     logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
     logp = token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
+    old = mb["old_logp"] if "old_logp" in mb else logp.detach()
     m = mb["loss_mask"]
-    loss, st = policy_loss(logp, mb["old_logp"], mb["advantages"], m, clip_low, clip_high, loss_agg,
-                           ref_logp=mb.get("ref_logp"), kl_coef=kl_coef, normaliser=1.0)
+    w = truncated_is_weights(old, mb["rollout_logp"], tis_cap) if tis_cap is not None else None
+    loss, st = policy_loss(logp, old, mb["advantages"], m, clip_low, clip_high, loss_agg,
+                           ref_logp=mb.get("ref_logp"), kl_coef=kl_coef, normaliser=1.0, is_weights=w)
     n = float(m.sum())
     with torch.no_grad():
         ent = float((entropy_from_logits(logits.detach(), temperature) * m).sum())
-    return loss, {"tokens": n, "entropy": ent, "clip_frac": float(st["clip_frac"]) * n, "kl": float(st["kl"]) * n}
+        gap = (old - mb["rollout_logp"]).abs() * m  # rollout engine vs learner, on trained tokens
+        out = {"tokens": n, "entropy": ent, "clip_frac": float(st["clip_frac"]) * n, "kl": float(st["kl"]) * n,
+               "logp_gap": float(gap.sum()), "max/logp_gap": float(gap.max()) if gap.numel() else 0.0}
+        if w is not None:
+            out["tis/capped"] = float(((w >= tis_cap) * m).sum())
+            out["tis/weight"] = float((w * m).sum())
+    return loss, out
 
 
 def pad_rows(rows: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -201,33 +222,26 @@ class GRPOLearner:
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logprobs(self.group, batch, self.cfg)
 
-    def prompt_logprobs(self, rows: list[list[int]]) -> list[list[float]]:
-        """Teacher-forced log-probs of each row's tokens 1..n (the weight-sync probe)."""
-        lp = self.logprobs(pad_rows(rows))
-        return [lp[i, : len(r) - 1].tolist() for i, r in enumerate(rows)]
-
-    def get_weights(self):
-        """The policy's weights in HF names: a Ray object reference (or, local, the dict itself)."""
-        return self.group.full_state_dict()
-
     def train_step(self, batch: dict[str, torch.Tensor] | None, ref_logp: torch.Tensor | None = None) -> dict[str, float]:
-        """Recompute old log-probs, then `epochs` x `mini_batches` clipped updates; None: no update this step."""
+        """`epochs` x `mini_batches` clipped updates on one rollout batch; None: no update this step."""
         cfg = self.cfg
         self.step += 1
         if batch is None or batch["input_ids"].shape[0] == 0:
             return {"updates": 0}
-        old = self.logprobs(batch)  # pi_old by the learner's own math, not the rollout engine's
-        mask = batch["loss_mask"]
-        n_tok = mask.sum().clamp(min=1)
-        gap = ((old - batch["rollout_logp"]).abs() * mask).sum() / n_tok
-        full = {**batch, "old_logp": old, **({"ref_logp": ref_logp} if ref_logp is not None else {})}
+        full = dict(batch)
+        if cfg.epochs * cfg.mini_batches > 1:  # later updates need pi_old from before the first one
+            full["old_logp"] = self.logprobs(batch)
+        if ref_logp is not None:
+            full["ref_logp"] = ref_logp
         objective = functools.partial(grpo_loss, temperature=cfg.rollout.temperature, clip_low=cfg.clip_low,
-                                      clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef)
+                                      clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef,
+                                      tis_cap=cfg.rollout.cap())
         B = batch["input_ids"].shape[0]
         g = torch.Generator().manual_seed(self.seed * 7919 + self.step)
-        sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        sums: dict[str, float] = defaultdict(float)
+        gap: dict[str, float] = defaultdict(float)  # over the first epoch: each trained token once, before it moved
         updates = 0
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             order = torch.randperm(B, generator=g)
             for mb in order.split(math.ceil(B / cfg.mini_batches)):
                 sub = {k: v[mb] for k, v in full.items()}
@@ -240,8 +254,17 @@ class GRPOLearner:
                 sums["grad_norm"] += out["grad_norm"]
                 lr = out["lr"]
                 updates += 1
-        out = {k: v / updates for k, v in sums.items()}
-        return {**out, "lr": lr, "updates": updates, "logp_gap/rollout_vs_learner": float(gap), "tokens": float(n_tok)}
+                if epoch == 0:
+                    for k in ("tokens", "logp_gap", "tis/capped", "tis/weight"):
+                        gap[k] += out.get(k, 0.0)
+                    gap["max"] = max(gap["max"], out["max/logp_gap"])
+        n = max(gap["tokens"], 1.0)
+        m = {k: v / updates for k, v in sums.items()}
+        m.update({"lr": lr, "updates": updates, "tokens": gap["tokens"],
+                  "logp_gap/rollout_vs_learner": gap["logp_gap"] / n, "logp_gap/max": gap["max"]})
+        if cfg.rollout.cap() is not None:
+            m.update({"tis/capped_frac": gap["tis/capped"] / n, "tis/weight_mean": gap["tis/weight"] / n})
+        return m
 
     def save(self, checkpoint_dir: str) -> str:
         return str(self.group.save(checkpoint_dir, self.step, self.cfg.keep_checkpoints))
@@ -288,27 +311,8 @@ def pass_rate(spec: RewardSpec, results: list[RewardResult]) -> dict[str, float]
 
 
 def probe_rows(tokenizer, samples: list[dict], cfg: Config) -> list[list[int]]:
-    think = cfg.rollout.reasoning != "non_think"
+    think = cfg.rollout.thinking()
     return [render_prompt(tokenizer, s["messages"], enable_thinking=think) for s in samples[: cfg.probe_prompts]]
-
-
-def sync_gap(learner_lp: list[list[float]], rollout_lp: list[list[float]]) -> float:
-    """Mean |difference| of two engines' log-probs for the same probe tokens."""
-    a = torch.tensor([x for row in learner_lp for x in row])
-    b = torch.tensor([x for row in rollout_lp for x in row])
-    return float((a - b).abs().mean())
-
-
-def sync_weights(learner, workers: list, probe: list[list[int]], tol: float) -> float:
-    """Push the learner's weights to every rollout worker and prove they arrived (raises if stale)."""
-    weights = learner.get_weights()
-    ray.get([w.load_weights.remote(weights) for w in workers])
-    want = learner.prompt_logprobs(probe)
-    gaps = [sync_gap(want, got) for got in ray.get([w.prompt_logprobs.remote(probe) for w in workers])]
-    if max(gaps) > tol:
-        raise RuntimeError(f"rollout weights are stale: probe log-probs differ from the learner's by {max(gaps):.3g} "
-                           f"(tolerance {tol:g}); the weight sync did not take")
-    return max(gaps)
 
 
 def run(cfg: Config, ctx: StageContext) -> None:
@@ -320,8 +324,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
     resume = latest_checkpoint(ctx.checkpoint_dir)
     learner = GRPOLearner(model_path, cfg, str(resume) if resume else None, ctx.seed)
     ro = cfg.rollout
-    workers = [ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)(RolloutWorker).remote(model_path, ro, cfg.agent, ctx.seed + i)
-               for i in range(ro.num_workers)]
+    workers = start_workers(model_path, ro, cfg.agent, ctx.seed)
     ref = None
     if cfg.kl_coef > 0:  # no reference actor at all when the KL term is off
         ref = ReferencePolicy(str(ctx.model_path(cfg.ref_model or cfg.model)), cfg)
@@ -335,7 +338,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
     if resume:
         truncate_metrics(ctx.out_dir, start)
         log.info("resuming %s from %s (step %d of %d)", ctx.name, resume.name, start, cfg.steps)
-    sync_weights(learner, workers, probe, ro.tolerance())  # rollout workers get the (resumed) learner weights
+    sync_weights(learner.group, workers, probe, ro.sync_bucket_mb)  # rollout workers get the (resumed) learner weights
     log.info("grpo %s: %d prompts, %d steps of %d prompts x G=%d", ctx.name, len(samples), cfg.steps,
              cfg.prompts_per_step, ro.group_size)
 
@@ -344,10 +347,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
         times: dict[str, float] = {}
         batch_samples = [samples[i] for i in plan[step]]
         with timer("generate", times):
-            shards = [batch_samples[i :: len(workers)] for i in range(len(workers))]
-            firsts = [sum(len(s) for s in shards[:i]) for i in range(len(workers))]
-            parts = ray.get([w.generate.remote(s, f, step) for w, s, f in zip(workers, shards, firsts) if s])
-            rollouts = [r for part in parts for r in part]
+            rollouts = generate_on(workers, batch_samples, step)
         with timer("score", times):
             results = scorer([r.reward_sample() for r in rollouts])
             keep, adv, m = score_and_advantages(rollouts, results, cfg)
@@ -358,7 +358,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
             ref_logp = ref.logprobs(batch) if ref is not None and batch is not None else None
             m.update(learner.train_step(batch, ref_logp))
         with timer("sync", times):
-            m["sync/probe_logp_gap"] = sync_weights(learner, workers, probe, ro.tolerance())
+            m.update(sync_weights(learner.group, workers, probe, ro.sync_bucket_mb))
         if any(r.episode for r in rollouts):
             m["agent/turns_mean"] = sum(r.turns for r in rollouts) / len(rollouts)
         ctx.log_metrics(step + 1, {**m, **times})
@@ -367,9 +367,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
             learner.save(str(ctx.checkpoint_dir))
 
     learner.save_final(str(ctx.out_dir / MODEL_DIR))
-    ray.get([w.close.remote() for w in workers])
-    for actor in workers:
-        ray.kill(actor)
+    stop_workers(workers)
     for group in [learner, *([ref] if ref is not None else [])]:
         group.close()
     if hasattr(scorer, "close"):

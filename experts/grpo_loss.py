@@ -173,6 +173,19 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, how: LossAgg, normaliser
     raise ValueError(f"unknown loss aggregation {how!r}")
 
 
+def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling: min(pi_learner_old / pi_rollout, cap) per token, detached.
+
+    The rollout engine (vLLM's kernels, bf16) samples from a slightly different policy than the
+    learner scores; weighting each token's policy-gradient term by this ratio corrects the bias, and
+    the cap bounds the variance (Yao et al. 2025; verl's rollout correction, TRL's vLLM IS).
+
+    >>> truncated_is_weights(torch.tensor([0.0, 0.0]), torch.tensor([0.0, -5.0]), 2.0)
+    tensor([1., 2.])
+    """
+    return torch.exp((old_logp - rollout_logp).detach().clamp(-20.0, 20.0)).clamp(max=cap)
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -184,13 +197,16 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     normaliser: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's clipped surrogate with an optional k3 KL penalty; returns (loss, detached stats).
 
     logp, old_logp, mask, ref_logp: [B, T]; advantages: [B] (one per sequence, broadcast over
     its tokens) or [B, T]. Per token, with ratio = exp(logp - old_logp):
 
-        pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) + kl_coef * k3(logp, ref)
+        pg = w * max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) + kl_coef * k3(logp, ref)
+
+    where w is the truncated importance weight (`is_weights`, [B, T]; 1 when None).
 
     Asymmetric clipping is DAPO's clip-higher: a larger `clip_high` lets low-probability tokens
     with positive advantage grow, which keeps entropy from collapsing. stats: `clip_frac` (tokens
@@ -202,6 +218,8 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if ref_logp is not None and kl_coef:
         per_token = per_token + kl_coef * kl

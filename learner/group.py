@@ -122,7 +122,7 @@ class WorkerGroup:
 
         A list of batches is one step over all of them, in order, each split over the ranks (OPD
         passes one batch per teacher, so each rank walks the teachers in order). Returns the metric
-        sums over everything (`loss` and whatever `objective` reports), plus `grad_norm` and `lr`.
+        sums over everything (`loss` and whatever `objective` reports; keys starting `max/` are maxima), plus `grad_norm` and `lr`.
         """
         per_rank = [[] for _ in range(self.cfg.workers)]
         for part in batch if isinstance(batch, list) else [batch]:
@@ -133,7 +133,7 @@ class WorkerGroup:
         sums: dict[str, float] = {}
         for o in outs:
             for k, v in o["sums"].items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = max(sums.get(k, v), v) if k.startswith("max/") else sums.get(k, 0.0) + v
         self.step = outs[0]["step"]
         return {**sums, "grad_norm": outs[0]["grad_norm"], "lr": outs[0]["lr"]}
 
@@ -174,6 +174,11 @@ class WorkerGroup:
         if self.local:  # a snapshot: on one CPU rank the gathered tensors can share the live weights' memory
             return {k: v.clone() for k, v in self.workers[0].full_state_dict().items()}
         return self._call("full_state_dict_ref")[0][0]
+
+    def push_weights(self, targets: list, bucket_mb: float = 256) -> dict[str, float]:
+        """Stream the current weights to rollout `targets` (Ray actors or local objects with
+        `load_bucket` / `finish_sync`), whole layers per bucket of about `bucket_mb` MiB."""
+        return self._call("push_weights", targets, int(bucket_mb * 2**20))[0]
 
     def save(self, checkpoint_dir: Path, step: int, keep: int) -> Path:
         """Resumable sharded checkpoint `checkpoint_dir/step_<step>` (the stage's step: a resumed stage

@@ -45,6 +45,49 @@ def node_address() -> str:
         return socket.gethostbyname(socket.gethostname())
 
 
+def layer_buckets(names: list[str], sizes: dict[str, int], bucket_bytes: int) -> list[list[str]]:
+    """Parameter names in buckets of whole layers (what a name's first integer segment numbers; the
+    embeddings before and the final norm and head after are groups of their own), consecutive layers
+    merged while a bucket stays within `bucket_bytes` (a bigger layer is a bucket alone).
+
+    >>> layer_buckets(["emb", "layers.0.a", "layers.0.b", "layers.1.a", "norm"], dict.fromkeys(
+    ...     ["emb", "layers.0.a", "layers.0.b", "layers.1.a", "norm"], 10), 25)
+    [['emb'], ['layers.0.a', 'layers.0.b'], ['layers.1.a', 'norm']]
+    """
+    groups: list[list[str]] = []
+    key = None
+    for n in names:
+        k = next((p for p in n.split(".") if p.isdigit()), None)
+        if not groups or k != key:
+            groups.append([])
+        groups[-1].append(n)
+        key = k
+    out: list[list[str]] = []
+    size = 0
+    for g in groups:
+        b = sum(sizes[n] for n in g)
+        if out and size + b <= bucket_bytes:
+            out[-1] += g
+            size += b
+        else:
+            out.append(list(g))
+            size = b
+    return out
+
+
+def _send(targets: list, method: str, *args) -> None:
+    """`method(*args)` on every target, Ray actors in parallel (a bucket is put in the object store once)."""
+    import ray
+
+    actors = [t for t in targets if isinstance(t, ray.actor.ActorHandle)]
+    if actors:
+        refs = [ray.put(a) for a in args]
+        ray.get([getattr(t, method).remote(*refs) for t in actors])
+    for t in targets:
+        if t not in actors:
+            getattr(t, method)(*args)
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks FSDP2 shards one by one: HF names their class in `_no_split_modules`."""
     names = set(getattr(model, "_no_split_modules", None) or ())
@@ -114,7 +157,7 @@ class LearnerWorker:
         pairs), so the update is sum(loss) / denominator whatever the split. Ranks average their
         gradients, so each rank's loss is scaled by world / denominator. A micro-batch marked
         False is padding (ranks must run the same number of passes): its loss counts zero.
-        Returns this rank's metric sums; the group adds the ranks'.
+        Returns this rank's metric sums (maxima for keys starting `max/`); the group adds (or maxes) the ranks'.
         """
         self.model.train()
         scale = self.world / max(denominator, 1e-12)
@@ -126,7 +169,7 @@ class LearnerWorker:
             if real:
                 sums["loss"] += float(loss_sum.detach())
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = max(sums.get(k, v), float(v)) if k.startswith("max/") else sums.get(k, 0.0) + float(v)
         self._reduce_grads()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.max_grad_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -179,6 +222,36 @@ class LearnerWorker:
             return None
         prefix = "inner." if hasattr(self.model, "inner") else ""  # a loss-computing wrapper keeps the HF model there
         return {k.removeprefix(prefix): v for k, v in sd.items()}
+
+    def push_weights(self, targets: list, bucket_bytes: int) -> dict[str, float]:
+        """Stream the model to rollout `targets` in HF names, whole decoder layers per bucket.
+
+        Every rank must call: each parameter is gathered (FSDP2's all-gather) on every rank in the same
+        order, and rank 0 sends each bucket as soon as it is full, so only one bucket is ever held or
+        in flight (never a whole model). A target is a Ray actor or a plain object with `load_bucket`
+        and `finish_sync` (a local rollout worker).
+        """
+        import time
+
+        start = time.perf_counter()
+        prefix = "inner." if hasattr(self.model, "inner") else ""
+        state = self.model.state_dict()  # DTensor shards under FSDP2: gathered one at a time below
+        sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+        sent = buckets = 0
+        for names in layer_buckets(list(state), sizes, bucket_bytes):
+            bucket = {}
+            for k in names:
+                t = state[k]
+                full = t.full_tensor() if hasattr(t, "full_tensor") else t
+                if self.rank == 0:
+                    bucket[k.removeprefix(prefix)] = full.detach().to("cpu")
+            if self.rank == 0:
+                _send(targets, "load_bucket", bucket)
+                sent += sum(v.numel() * v.element_size() for v in bucket.values())
+                buckets += 1
+        if self.rank == 0:
+            _send(targets, "finish_sync")
+        return {"sync/buckets": buckets, "sync/bytes": sent, "sync/seconds": time.perf_counter() - start}
 
     def full_state_dict_ref(self) -> list | None:
         """[ObjectRef of `full_state_dict()`] from rank 0 (a list, so Ray hands back the reference)."""

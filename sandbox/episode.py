@@ -189,7 +189,7 @@ def run_check(session: Session, task: Task) -> Result:
     of the episode is killed (background and setsid'd ones too), then `task.check_files` are
     written fresh from `setup.files`, then the check runs with a fixed PATH and a clean
     environment (see `Task.check`). Nothing the agent did can change the verdict except its
-    solution files. The one call both episode loops use (`run_episode`, `experts.agent_rollout`).
+    solution files. The one call both episode loops use (`run_episode`, `rollout.episodes`).
     """
     files = {path: task.setup.files[path] for path in task.check_files}
     try:

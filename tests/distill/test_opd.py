@@ -10,7 +10,7 @@ import distill.heads
 import distill.opd
 from distill.heads import HeadStore
 from distill.opd import Config, run
-from distill.rollout import on_policy_kl
+from distill.teacher import on_policy_kl
 from experts.data import load_samples
 from experts.models import load_model
 from pipeline.context import StageContext
@@ -25,7 +25,8 @@ def _ctx(tmp_path, name="opd"):
 def _cfg(world, k=12, **kw):
     base = dict(student=str(world.student), teachers=world.teacher_entries(k),
                 data=[d.model_dump() for d in world.data[:k]], rounds=2, prompts_per_round=2 * k,
-                max_new_tokens=6, batch_tokens=200, lr=3e-3)
+                rollout={"group_size": 1, "max_new_tokens": kw.pop("max_new_tokens", 6), "reasoning": "think"},
+                batch_tokens=200, lr=3e-3)
     return Config.model_validate({**base, **kw})
 
 
@@ -111,21 +112,24 @@ def test_student_moves_toward_each_domains_teacher(toy_world, tmp_path):
     assert losses[-1] < 0.3 * losses[0], losses
 
 
-def test_resumes_after_a_kill_with_the_cache_on_an_fsspec_url(toy_world, tmp_path):
+def test_resumes_after_a_kill_with_the_cache_on_an_fsspec_url(toy_world, tmp_path, monkeypatch):
+    from rollout.worker import RolloutWorker
+
     cfg = _cfg(toy_world, k=3, rounds=3, cache_url=f"memory://opd-resume-{tmp_path.name}", keep_rounds=0)
     ctx = _ctx(tmp_path)
     seen = []
+    real_generate = RolloutWorker.generate
 
-    def dies_in_round_2(model, tok, samples, *, seed, **kw):
-        seen.append(seed)
+    def dies_in_round_2(self, samples, *a, **kw):
+        seen.append(kw.get("step"))
         if len(seen) == 2:
             raise KeyboardInterrupt("killed")
-        from distill.rollout import generate_rollouts
+        return real_generate(self, samples, *a, **kw)
 
-        return generate_rollouts(model, tok, samples, seed=seed, **kw)
-
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, ctx, rollout_fn=dies_in_round_2, local=True)
+    with monkeypatch.context() as m:
+        m.setattr(RolloutWorker, "generate", dies_in_round_2)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg, ctx, local=True)
     assert [p.name for p in ctx.checkpoint_dir.iterdir()] == ["step_1"]
     run(cfg, ctx, local=True)
     assert [m["step"] for m in _metrics(ctx)] == [1, 2, 3], "round 1 is not repeated"
@@ -169,15 +173,23 @@ def test_config_in_a_workflow_file(toy_world, tmp_path):
 
 
 def test_two_workers_distil_like_one(toy_world, tmp_path, ray_session):
-    """A round on a 2-worker learner group gives the student update of a 1-worker group (same samples)."""
-    got = {}
+    """A round on a 2-worker learner group gives the student update of a 1-worker group (same samples).
+
+    The same samples give the same loss; the weights agree up to summation order, which Adam's first
+    step (about lr * sign(g) per parameter) amplifies only where a gradient is near Adam's eps.
+    """
+    got, rows = {}, {}
     for workers in (1, 2):
         ctx = _ctx(tmp_path, name=f"opd_w{workers}")
         cfg = _cfg(toy_world, k=3, rounds=1, learner={"workers": workers, "cpus_per_worker": 0.5})
         run(cfg, ctx)
         got[workers] = load_model(ctx.out_dir / "model").state_dict()
-        assert _metrics(ctx)[0]["heads/loads"] == 3
-    diff = max(float((got[1][k] - got[2][k]).abs().max()) for k in got[1])
-    moved = max(float((got[1][k] - v).abs().max()) for k, v in load_model(toy_world.student).state_dict().items())
-    print(f"max |1 worker - 2 workers| {diff:.2e}, largest move {moved:.2e}")
-    assert diff <= 1e-5 and moved > 100 * diff
+        rows[workers] = _metrics(ctx)[0]
+        assert rows[workers]["heads/loads"] == 3
+    assert rows[1]["tokens"] == rows[2]["tokens"] and rows[1]["loss"] == pytest.approx(rows[2]["loss"], rel=1e-5)
+    start = load_model(toy_world.student).state_dict()
+    diff = torch.cat([(got[1][k] - got[2][k]).abs().flatten() for k in got[1]])
+    moved = torch.cat([(got[1][k] - v).abs().flatten() for k, v in start.items()])
+    print(f"|1 worker - 2 workers|: max {diff.max():.2e}, mean {diff.mean():.2e}; move: max {moved.max():.2e}, "
+          f"mean {moved.mean():.2e}")
+    assert diff.mean() < 1e-3 * moved.mean() and diff.max() < 0.05 * moved.max()

@@ -9,14 +9,14 @@ import subprocess
 
 import pytest
 
-from experts.agent_rollout import AgentConfig, run_episodes
 from experts.data import DataConfig, load_samples, sample_texts
-from experts.generate import TokenCompletion
 from experts.grpo import Config, run
 from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
-from experts.rollout import RolloutConfig
 from pipeline.context import StageContext
 from rewards import RewardSpec
+from rollout.config import AgentConfig, RolloutConfig
+from rollout.episodes import run_episodes
+from rollout.types import Completion
 from sandbox import toolcall
 from tests.conftest import TINY, quick_sft
 
@@ -43,13 +43,13 @@ class ScriptedBackend:
         self.result_id = tokenizer.convert_tokens_to_ids(toolcall.RESULT_OPEN)
         self.contexts: list[list[int]] = []
 
-    def complete(self, prompts, max_new_tokens, stop_ids, temperature, top_p):
+    def complete(self, prompts, max_new_tokens, stop_ids):
         out = []
         for p in prompts:
             self.contexts.append(p)
             text = self.turns[min(p.count(self.result_id), len(self.turns) - 1)]
             ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-            out.append(TokenCompletion(ids, [-0.5] * len(ids), True))
+            out.append(Completion(ids, [-0.5] * len(ids), True))
         return out
 
 

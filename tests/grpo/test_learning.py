@@ -8,12 +8,14 @@ import time
 import pytest
 
 from experts.data import DataConfig, load_samples, sample_texts
-from experts.grpo import Config, GRPOLearner, collate_rollouts, run, sync_gap
+from experts.grpo import Config, GRPOLearner, collate_rollouts, run
 from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
-from experts.rollout import RolloutConfig, RolloutWorker
-
+from pipeline.config import StageFailed
 from pipeline.context import StageContext
 from rewards import CombinedReward, RewardSpec
+from rollout.config import RolloutConfig
+from rollout.sync import learner_logprobs, probe_gap, sync_weights
+from rollout.worker import RolloutWorker
 from tests.conftest import TINY, quick_sft
 
 
@@ -58,19 +60,29 @@ def test_grpo_raises_heldout_reward(echo, ray_session, tmp_path):
     assert (tmp_path / "checkpoints" / "step_40" / "COMPLETE").exists()
 
 
-def test_stale_rollout_weights_are_caught(echo):
-    """After an update the un-synced rollout worker's probe log-probs no longer match the learner's."""
+def test_stale_rollout_weights_are_caught(echo, monkeypatch):
+    """After an update the un-synced rollout worker's probe log-probs no longer match the learner's;
+    a sync brings them back, and a sync that does not take fails the stage."""
     data, sft, _ = echo
     cfg = Config(model=str(sft), data=data, lr=1e-3, rollout=RolloutConfig(group_size=4, max_new_tokens=12))
     learner, worker = GRPOLearner(str(sft), cfg, local=True), RolloutWorker(str(sft), cfg.rollout)
     probe = [worker.tokenizer("Repeat the digits 1 2 3.")["input_ids"]]
-    assert sync_gap(learner.prompt_logprobs(probe), worker.prompt_logprobs(probe)) < cfg.rollout.tolerance()
+    tol = worker.sync_tolerance()
+
+    def gap():
+        return probe_gap(learner_logprobs(learner.group, probe), worker.prompt_logprobs(probe))
+
+    assert gap() < tol
     rollouts = worker.generate(load_samples(data)[:2])
     adv = [1.0 if i % 2 else -1.0 for i in range(len(rollouts))]
     learner.train_step(collate_rollouts(rollouts, adv, worker.tokenizer.pad_token_id))
-    assert sync_gap(learner.prompt_logprobs(probe), worker.prompt_logprobs(probe)) > cfg.rollout.tolerance()
-    worker.load_weights(learner.get_weights())
-    assert sync_gap(learner.prompt_logprobs(probe), worker.prompt_logprobs(probe)) < cfg.rollout.tolerance()
+    assert gap() > tol
+    m = sync_weights(learner.group, [worker], probe)
+    assert gap() < tol and m["sync/probe_logp_gap"] < tol and m["sync/buckets"] >= 1
+    learner.train_step(collate_rollouts(rollouts, adv, worker.tokenizer.pad_token_id))
+    monkeypatch.setattr(worker.backend, "load_bucket", lambda weights: None)  # a sync that loses the weights
+    with pytest.raises(StageFailed, match="rollout worker 0 has stale weights"):
+        sync_weights(learner.group, [worker], probe)
 
 
 def test_think_budget_forces_the_think_block_closed(echo):

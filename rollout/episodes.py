@@ -21,20 +21,11 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from pydantic import Field
-
-from pipeline.config import StageConfig
+from rollout.config import AgentConfig, RolloutConfig
+from rollout.turns import complete_turns, render_prompt
+from rollout.types import Rollout
 
 log = logging.getLogger(__name__)
-
-
-class AgentConfig(StageConfig):
-    """Limits of one agent episode (samples of domain `agent`)."""
-
-    max_turns: int = Field(4, ge=1, description="Assistant turns per episode at most (the task's own max_turns also applies).")
-    max_total_tokens: int = Field(512, ge=8, description="Tokens after the prompt per episode (model and tool turns together).")
-    max_observation_chars: int = Field(800, ge=16, description="Tool output longer than this is cut (and says so).")
-    sandboxes: int = Field(4, ge=1, description="Warm containers per rollout worker; episodes run this many at a time.")
 
 
 def task_of(sample: dict):
@@ -121,12 +112,10 @@ def _close(ep: _Episode) -> None:
         ep.session.close()
 
 
-def run_episodes(backend, tokenizer, samples: list[dict], first_group: int, cfg, agent: AgentConfig, pool) -> list:
-    """G episodes per sample (grouped like single-turn rollouts); returns `experts.rollout.Rollout`s."""
+def run_episodes(backend, tokenizer, samples: list[dict], first_group: int, cfg: RolloutConfig, agent: AgentConfig,
+                 pool) -> list[Rollout]:
+    """G episodes per sample (grouped like single-turn rollouts)."""
     from sandbox import toolcall
-
-    from experts.generate import render_prompt
-    from experts.rollout import Rollout, complete_turns
 
     think = cfg.reasoning != "non_think"
     episodes = [_Episode(s, first_group + g, render_prompt(tokenizer, s["messages"], enable_thinking=think))

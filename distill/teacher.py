@@ -1,48 +1,22 @@
-"""The two forward halves of a round: the student samples, then each teacher encodes those samples.
+"""The teachers' half of a round: each teacher in turn encodes the student's samples into the cache.
 
-`generate_rollouts` is the one place the student generates. It has a plain signature (samples in,
-`Rollout`s out) so a faster engine (vLLM, the GRPO rollout workers) can be passed to
-`distill.opd.run(..., rollout_fn=...)` instead of HF `generate`.
+The student's half (sampling) is the one rollout (`rollout.worker`), on HF or vLLM like GRPO's.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from distill.cache import CacheWriter
 from distill.loss import distill_loss
+from rollout.types import Rollout
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollout:
-    sample_id: str
-    domain: str
-    prompt_ids: list[int]
-    response_ids: list[int]  # up to and including end-of-turn when the student stopped
-
-
-class RolloutFn(Protocol):
-    def __call__(self, model, tokenizer, samples: list[dict], *, max_new_tokens: int, temperature: float,
-                 top_p: float, batch_size: int, seed: int) -> list[Rollout]: ...
-
-
-def generate_rollouts(model, tokenizer, samples: list[dict], *, max_new_tokens: int = 64, temperature: float = 1.0,
-                      top_p: float = 1.0, batch_size: int = 32, seed: int = 0) -> list[Rollout]:
-    """Sample one response per prompt from `model` with HF `generate` (on-policy data)."""
-    from experts.generate import generate
-
-    gens = generate(model, tokenizer, [s["messages"] for s in samples], max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
-    return [Rollout(str(s["id"]), s["domain"], list(g.prompt_ids), list(g.completion_ids))
-            for s, g in zip(samples, gens) if g.completion_ids]
 
 
 def response_hidden(model, input_ids: list[torch.Tensor], prompt_lens: list[int], pad_id: int) -> torch.Tensor:
@@ -108,8 +82,13 @@ def on_policy_kl(student, teacher, tokenizer, samples: list[dict], max_new_token
 
     The measure OPD minimises, taken on held-out prompts to show the student moving toward a teacher.
     """
-    rollouts = generate_rollouts(student, tokenizer, samples, max_new_tokens=max_new_tokens, temperature=1.0,
-                                 seed=seed)
+    from rollout.backends import HFBackend
+    from rollout.config import RolloutConfig
+    from rollout.worker import sample
+
+    cfg = RolloutConfig(group_size=1, max_new_tokens=max_new_tokens, temperature=1.0, reasoning="think")
+    torch.manual_seed(seed)
+    rollouts = sample(HFBackend(student, tokenizer.pad_token_id, cfg), tokenizer, samples, cfg)
     seqs = [torch.tensor(r.prompt_ids + r.response_ids) for r in rollouts]
     lens = [len(r.prompt_ids) for r in rollouts]
     hs = response_hidden(student, seqs, lens, tokenizer.pad_token_id)
