@@ -139,8 +139,9 @@ def run(cfg: Config, ctx: StageContext, local: bool = False) -> None:
                         name=ctx.name, local=local)
     objective = functools.partial(opd_objective, divergence=cfg.divergence, temperature=cfg.loss_temperature,
                                   beta=cfg.beta, chunk_size=cfg.chunk_size, domains=domains, teachers=names)
-    workers = start_workers(str(student_path), cfg.rollout, seed=ctx.seed, local=local)
+    workers: list = []
     try:
+        workers = start_workers(str(student_path), cfg.rollout, seed=ctx.seed, local=local)
         if resume:
             truncate_metrics(ctx.out_dir, start - 1)
             log.info("opd: resuming after round %d from %s", start - 1, resume)

@@ -323,17 +323,32 @@ def run(cfg: Config, ctx: StageContext) -> None:
     probe = probe_rows(tok, samples, cfg)
     resume = latest_checkpoint(ctx.checkpoint_dir)
     learner = GRPOLearner(model_path, cfg, str(resume) if resume else None, ctx.seed)
-    ro = cfg.rollout
-    workers = start_workers(model_path, ro, cfg.agent, ctx.seed)
-    ref = None
-    if cfg.kl_coef > 0:  # no reference actor at all when the KL term is off
-        ref = ReferencePolicy(str(ctx.model_path(cfg.ref_model or cfg.model)), cfg)
-    if cfg.reward_workers:
-        from rewards.workers import RayRewardPool
+    workers: list = []
+    ref = scorer = None
+    try:
+        workers = start_workers(model_path, cfg.rollout, cfg.agent, ctx.seed)
+        if cfg.kl_coef > 0:  # no reference actor at all when the KL term is off
+            ref = ReferencePolicy(str(ctx.model_path(cfg.ref_model or cfg.model)), cfg)
+        if cfg.reward_workers:
+            from rewards.workers import RayRewardPool
 
-        scorer = RayRewardPool(cfg.rewards, cfg.reward_workers, ctx.model_path, num_cpus=cfg.reward_cpus)
-    else:
-        scorer = CombinedReward(cfg.rewards, ctx.model_path)
+            scorer = RayRewardPool(cfg.rewards, cfg.reward_workers, ctx.model_path, num_cpus=cfg.reward_cpus)
+        else:
+            scorer = CombinedReward(cfg.rewards, ctx.model_path)
+        _train(cfg, ctx, learner, workers, ref, scorer, samples, plan, probe, tok, resume)
+    finally:  # a failed stage leaves no actors holding the cluster's CPUs
+        stop_workers(workers)
+        for group in (learner, ref):
+            if group is not None:
+                group.close()
+        if hasattr(scorer, "close"):
+            scorer.close()
+
+
+def _train(cfg: Config, ctx: StageContext, learner: GRPOLearner, workers: list, ref: ReferencePolicy | None, scorer,
+           samples: list[dict], plan: list[list[int]], probe: list[list[int]], tok, resume) -> None:
+    """The loop of steps (generate, score, train, sync), then the final model."""
+    ro = cfg.rollout
     start = learner.step
     if resume:
         truncate_metrics(ctx.out_dir, start)
@@ -365,10 +380,4 @@ def run(cfg: Config, ctx: StageContext) -> None:
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m.get('kl', 0):.3f}", len=f"{m['response/length_mean']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             learner.save(str(ctx.checkpoint_dir))
-
     learner.save_final(str(ctx.out_dir / MODEL_DIR))
-    stop_workers(workers)
-    for group in [learner, *([ref] if ref is not None else [])]:
-        group.close()
-    if hasattr(scorer, "close"):
-        scorer.close()

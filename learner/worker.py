@@ -236,6 +236,12 @@ class LearnerWorker:
         start = time.perf_counter()
         prefix = "inner." if hasattr(self.model, "inner") else ""
         state = self.model.state_dict()  # DTensor shards under FSDP2: gathered one at a time below
+        seen: set[int] = set()
+        for k in list(state):  # tied weights (lm_head = embed_tokens) go once, under their first name
+            local = state[k].to_local() if hasattr(state[k], "to_local") else state[k]
+            if local.numel() and local.data_ptr() in seen:
+                del state[k]
+            seen.add(local.data_ptr())
         sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
         sent = buckets = 0
         for names in layer_buckets(list(state), sizes, bucket_bytes):

@@ -147,11 +147,14 @@ class VLLMBackend:
         kwargs.update(cfg.vllm)
         self.dtype = str(kwargs["dtype"])
         self.default_tolerance = 1e-3 if self.dtype.endswith("32") else 5e-2
+        if not cuda:
+            _check_cpu_head_size(model_path)
         try:
             self.llm = LLM(model=model_path, seed=seed, enable_prefix_caching=True,
                            logprobs_mode="processed_logprobs",  # log-probs of the distribution sampled from
                            generation_config="vllm",  # never the checkpoint's sampling defaults
                            worker_extension_cls="rollout.vllm_ext.WeightSync", **kwargs)
+            self.complete([[0]], [1], [0])  # a first request: kernels that fail, fail now, not mid-stage
         except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; the user needs its reason in one line
             raise StageFailed(f"vLLM cannot serve {model_path}: {_reason(e)}") from None
 
@@ -198,6 +201,19 @@ class VLLMBackend:
             llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def _check_cpu_head_size(model_path: str) -> None:
+    """vLLM's CPU attention declares the head sizes it has kernels for but (0.32) does not check them
+    at start; a model outside them starts, then kills the engine on its first request."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend as cpu_attn
+
+    c = AutoConfig.from_pretrained(model_path)
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if not cpu_attn.supports_head_size(head):
+        raise StageFailed(f"vLLM cannot serve {model_path}: its CPU attention ({cpu_attn.get_name()}) has kernels "
+                          f"for head sizes {cpu_attn.get_supported_head_sizes()}, and this model's head_dim is {head}")
 
 
 def _reason(e: BaseException) -> str:

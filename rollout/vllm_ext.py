@@ -18,4 +18,18 @@ class WeightSync:
 
         weights = load(blob)
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+        self._refresh_tied_head(weights)
         return len(weights)
+
+    def _refresh_tied_head(self, weights) -> None:
+        """A tied LM head shares the embedding's Parameter but gets no weights of its own (the loader
+        skips `lm_head.weight`), so the reload never re-processes it; on CPU its GEMM keeps a packed
+        copy of the old embedding and the logits go stale. Re-process it whenever the embedding came."""
+        model = self.model_runner.get_model()
+        head = getattr(model, "lm_head", None)
+        embed = next((k for k in weights if k.endswith("embed_tokens.weight")), None)
+        if embed is None or head is None or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            return
+        method = getattr(head, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(head)

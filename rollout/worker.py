@@ -104,7 +104,25 @@ def start_workers(model_path: str, cfg: RolloutConfig, agent: AgentConfig | None
     import ray
 
     actor = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(RolloutWorker)
-    return [actor.remote(model_path, cfg, agent, seed + i) for i in range(cfg.num_workers)]
+    workers = [actor.remote(model_path, cfg, agent, seed + i) for i in range(cfg.num_workers)]
+    try:
+        ray.get([w.sync_tolerance.remote() for w in workers])  # each engine is up, or says why not
+    except ray.exceptions.RayActorError as e:
+        stop_workers(workers, close=False)
+        raise _start_error(str(e)) from None
+    return workers
+
+
+def _start_error(message: str) -> Exception:
+    """The one-line error a rollout actor's constructor raised (Ray keeps only its text)."""
+    from pipeline.config import StageFailed, UserError
+
+    for cls in (UserError, StageFailed):
+        mark = f"{cls.__name__}: "
+        lines = [ln for ln in message.splitlines() if mark in ln]
+        if lines:
+            return cls(lines[-1].split(mark, 1)[1].strip())
+    return StageFailed(f"a rollout worker failed to start: {message.strip().splitlines()[-1]}")
 
 
 def call(workers: list, method: str, *args, per_worker: list[tuple] | None = None) -> list:
@@ -126,12 +144,13 @@ def generate_on(workers: list, samples: list[dict], step: int = 0, episodes: boo
     return [r for part in parts for r in part]
 
 
-def stop_workers(workers: list) -> None:
+def stop_workers(workers: list, close: bool = True) -> None:
     """Close every worker (sandbox pools, engines), then end the actors."""
     import ray
 
     try:
-        call(workers, "close")
+        if close:
+            call(workers, "close")
     finally:
         for w in workers:
             if isinstance(w, ray.actor.ActorHandle):

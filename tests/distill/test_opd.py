@@ -193,3 +193,27 @@ def test_two_workers_distil_like_one(toy_world, tmp_path, ray_session):
     print(f"|1 worker - 2 workers|: max {diff.max():.2e}, mean {diff.mean():.2e}; move: max {moved.max():.2e}, "
           f"mean {moved.mean():.2e}")
     assert diff.mean() < 1e-3 * moved.mean() and diff.max() < 0.05 * moved.max()
+
+
+def test_a_round_samples_the_student_on_vllm(toy_world, tmp_path):
+    """OPD's student samples on the vLLM engine, synced from the learner and proved by the probe."""
+    from tests.conftest import needs_vllm
+
+    from experts.models import build_tiny_model, load_tokenizer, save_checkpoint
+    from pipeline.config import StageFailed
+
+    needs_vllm()
+    rollout = {"backend": "vllm", "group_size": 1, "max_new_tokens": 6, "reasoning": "think"}
+    with pytest.raises(StageFailed, match="head_dim is 16"):  # the toy student's heads are too small for vLLM's CPU kernels
+        run(_cfg(toy_world, k=2, rounds=1, rollout=rollout), _ctx(tmp_path, "opd_hd16"), local=True)
+
+    tok = load_tokenizer(toy_world.student)  # a student with head_dim 32, on the teachers' tokenizer
+    student = save_checkpoint(build_tiny_model(tok, seed=1, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                                               num_attention_heads=2, num_key_value_heads=1), tok, tmp_path / "student")
+    ctx = _ctx(tmp_path)
+    run(_cfg(toy_world, k=2, rounds=2, student=str(student), rollout=rollout), ctx, local=True)
+    rows = _metrics(ctx)
+    for m in rows:
+        assert m["samples"] > 0 and m["response_len/mean"] > 0 and m["sync/probe_logp_gap"] < 1e-3
+    before, after = load_model(student).state_dict(), load_model(ctx.out_dir / "model").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"

@@ -119,6 +119,36 @@ def test_agent_expert_trains_on_check_scripts(agent_data, ray_session, tmp_path)
     assert (tmp_path / "model" / "config.json").exists()
 
 
+def test_agent_episodes_run_multi_turn_on_vllm(agent_data, ray_session, tmp_path):
+    """The same agent GRPO stage with vLLM as the rollout engine: multi-turn sandbox episodes, synced weights."""
+    from tests.conftest import needs_vllm
+
+    needs_vllm()
+    from experts.models import load_tokenizer
+    from pipeline.config import StageFailed
+
+    data, tok, root = agent_data
+    rollout = RolloutConfig(backend="vllm", group_size=4, max_new_tokens=48, reasoning="non_think")
+    cfg = Config(model=str(root / "base"), data=data, steps=1, rollout=rollout)
+    with pytest.raises(StageFailed, match="head_dim is 16"):  # TINY's heads are too small for vLLM's CPU kernels
+        run(cfg, StageContext("test", "grpo_agent_hd16", tmp_path / "hd16", seed=0))
+    # the same tokenizer and data on a model with head_dim 32
+    base = save_checkpoint(build_tiny_model(load_tokenizer(root / "base"), **{**TINY, "num_attention_heads": 2,
+                                                                          "num_key_value_heads": 1}), tok, root / "base32")
+    quick_sft(base, data, root / "sft32", steps=120, max_len=256)
+    cfg = Config(model=str(root / "sft32"), data=data, steps=2, prompts_per_step=2, lr=1e-4,
+                 rewards=RewardSpec(weights={"agent": 1.0, "format": 0.1}), reward_workers=0, dynamic_sampling=False,
+                 overlong="none",  # train on every episode, cut or not: the gap is measured on all of them
+                 rollout=rollout, agent=AgentConfig(max_turns=2, max_total_tokens=160, sandboxes=4))
+    run(cfg, StageContext("test", "grpo_agent_vllm", tmp_path, seed=0))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    print("agent GRPO on vLLM:", [{k: round(m.get(k, float("nan")), 4) for k in
+                                    ("reward/agent", "agent/turns_mean", "sync/probe_logp_gap", "logp_gap/max")} for m in lines])
+    assert len(lines) == 2
+    assert max(m["agent/turns_mean"] for m in lines) > 1, "episodes went past the first turn"
+    assert all(m["sync/probe_logp_gap"] < 1e-3 and m["logp_gap/rollout_vs_learner"] < 1e-3 for m in lines)
+
+
 def test_eval_scores_agent_tasks_by_greedy_episodes(agent_data):
     from experts.eval import Config as EvalConfig, score_model
 

@@ -16,6 +16,7 @@ from experts.grpo_loss import (
     overlong_penalty,
     policy_loss,
     token_logprobs,
+    truncated_is_weights,
 )
 
 
@@ -63,6 +64,48 @@ def test_clipping_on_both_sides_hand_worked():
     loss, stats = policy_loss(logp, old, torch.tensor([-1.0]), mask, clip_low=0.2, clip_high=0.28)
     assert loss.item() == pytest.approx((1.5 + 0.8) / 2)
     assert stats["clip_frac"].item() == pytest.approx(0.5)
+
+
+def test_truncated_importance_sampling_hand_worked():
+    """Each token's policy-gradient term is weighted by min(pi_old / pi_rollout, cap).
+
+    Three tokens, all on-policy for the learner (logp == old: ratio 1, no PPO clipping), A = +2:
+      token 0: rollout gave it the learner's probability      -> weight 1       -> -2
+      token 1: rollout's probability 4x lower than the learner -> weight 4 > cap -> cap 3 -> -6 (exactly cap x -A)
+      token 2: rollout's probability 2x higher                 -> weight 0.5    -> -1
+    """
+    old = torch.log(torch.tensor([[0.5, 0.4, 0.2]]))
+    rollout = torch.log(torch.tensor([[0.5, 0.1, 0.4]]))
+    w = truncated_is_weights(old, rollout, cap=3.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 3.0, 0.5]]))
+    logp = old.clone().requires_grad_(True)
+    loss, _ = policy_loss(logp, old, torch.tensor([2.0]), torch.ones(1, 3), agg="token_mean", normaliser=1.0, is_weights=w)
+    assert loss.item() == pytest.approx(-2.0 - 3.0 * 2.0 - 0.5 * 2.0)
+    loss.backward()  # d/dlogp of -A * w * ratio at ratio 1 is -A * w: the weight scales the gradient too
+    torch.testing.assert_close(logp.grad, torch.tensor([[-2.0, -6.0, -1.0]]))
+    # the weight is a constant of the step: no gradient flows into the rollout's or old log-probs
+    assert not w.requires_grad
+
+
+def test_grpo_objective_reports_the_rollout_gap_and_capped_share(tiny_base):
+    """The learner objective weights tokens by TIS and reports mean / max |gap| and the capped share."""
+    from experts.grpo import grpo_loss
+    from experts.models import load_model
+
+    model = load_model(tiny_base)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        logp = token_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:], 1.0)
+    shift = torch.tensor([[0.0, 0.0, 3.0]])  # the rollout engine gave the last token e^-3 of the learner's probability
+    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.tensor([[0.0, 1.0, 1.0]]),
+          "rollout_logp": logp - shift, "advantages": torch.tensor([1.0])}
+    kw = dict(temperature=1.0, clip_low=0.2, clip_high=0.28, loss_agg="token_mean", kl_coef=0.0)
+    loss, st = grpo_loss(model, mb, tis_cap=2.0, **kw)
+    plain, _ = grpo_loss(model, mb, tis_cap=None, **kw)
+    # token 1: weight 1 -> -1 (x ratio 1); token 2: e^3 capped to 2 -> -2
+    assert loss.item() == pytest.approx(-3.0, abs=1e-5) and plain.item() == pytest.approx(-2.0, abs=1e-5)
+    assert st["tis/capped"] == 1.0 and st["tis/weight"] == pytest.approx(3.0)
+    assert st["logp_gap"] == pytest.approx(3.0, abs=1e-5) and st["max/logp_gap"] == pytest.approx(3.0, abs=1e-5)
 
 
 def test_token_mean_and_seq_mean_differ_as_worked_by_hand():
