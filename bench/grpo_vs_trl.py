@@ -26,16 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from experts.data import DataConfig, load_samples, sample_texts  # noqa: E402
-from experts.grpo import Config, GRPOLearner, collate_rollouts, score_and_advantages  # noqa: E402
+from experts.grpo import Config, GRPOLearner, collate_rollouts, probe_rows, score_and_advantages  # noqa: E402
 from experts.models import build_tiny_model, load_model, load_tokenizer, save_checkpoint, train_tokenizer  # noqa: E402
-from rollout.config import RolloutConfig  # noqa: E402
-from rollout.worker import RolloutWorker  # noqa: E402
 from experts.sft import Config as SFTConfig  # noqa: E402
 from experts.sft import build_rows, optim, train_step  # noqa: E402
 from learner.batching import batch_plan  # noqa: E402
 from learner.group import WorkerGroup  # noqa: E402
 from rewards import CombinedReward, RewardSpec  # noqa: E402
 from rewards.math_answer import math_correct  # noqa: E402
+from rollout.config import RolloutConfig  # noqa: E402
+from rollout.sync import sync_weights  # noqa: E402
+from rollout.worker import RolloutWorker  # noqa: E402
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
 
@@ -60,6 +61,7 @@ def run_ours(sft: Path, data: DataConfig, prompts: list[list[dict]], a) -> tuple
     torch.manual_seed(0)
     learner, worker, scorer = GRPOLearner(str(sft), cfg, local=True), RolloutWorker(str(sft), cfg.rollout), CombinedReward(cfg.rewards)
     pad = load_tokenizer(sft).pad_token_id
+    probe = probe_rows(load_tokenizer(sft), [s for batch in prompts for s in batch], cfg)
     times, rewards = [], []
     for step, batch in enumerate(prompts):
         t0 = time.perf_counter()
@@ -67,7 +69,7 @@ def run_ours(sft: Path, data: DataConfig, prompts: list[list[dict]], a) -> tuple
         results = scorer([r.reward_sample() for r in rollouts])
         keep, adv, m = score_and_advantages(rollouts, results, cfg)
         learner.train_step(collate_rollouts([rollouts[i] for i in keep], adv, pad) if keep else None)
-        worker.load_weights(learner.get_weights())
+        sync_weights(learner.group, [worker], probe, check=step % a.probe_every == 0)  # as the stage does
         times.append(time.perf_counter() - t0)
         rewards.append(m["reward/mean"])
     return times, rewards
@@ -118,6 +120,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--sft-steps", type=int, default=500)
+    p.add_argument("--probe-every", type=int, default=1, help="prove the weight sync every N steps (the stage: 1)")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(os.cpu_count() or 1)

@@ -61,14 +61,23 @@ class TeacherConfig(BaseModel):
     name: str | None = Field(None, description="Name in metrics and logs; defaults to `model`.")
 
 
+class StudentRollout(RolloutConfig):
+    """The rollout, with defaults for distillation: one sample per prompt, free thinking."""
+
+    group_size: int = Field(1, ge=1, description="Samples per prompt.")
+    reasoning: Literal["non_think", "think", "think_high", "think_max"] = Field(
+        "think", description="non_think | think (freely, within max_new_tokens) | think_high | think_max (rollout.config).")
+    batch_size: int = Field(32, ge=1, description="Sequences per generate call (hf backend).")
+
+
 class Config(StageConfig):
     student: ModelRef = Field(description="Checkpoint the student starts from; must share the teachers' tokenizer.")
     teachers: list[TeacherConfig] = Field(min_length=1, description="Experts, each with the domains it answers for.")
     data: list[DataConfig] = Field(min_length=1, description="Prompt sources; a sample's domain picks its teacher.")
     rounds: Steps = Field(4, description="Rounds of generate -> teacher forward -> train (at most 1,000,000).")
     prompts_per_round: BatchSize = Field(64, description="Prompts sampled per round, split evenly over domains (at most 65,536).")
-    rollout: RolloutConfig = Field(
-        default_factory=lambda: RolloutConfig(group_size=1, reasoning="think", batch_size=32),
+    rollout: StudentRollout = Field(
+        default_factory=StudentRollout,
         description="How the student samples (the rollout GRPO uses): engine, workers, max_new_tokens, "
                     "temperature (on-policy: keep 1); group_size responses per prompt.")
     teacher_batch_size: BatchSize = Field(16, description="Sequences per teacher forward pass.")

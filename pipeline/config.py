@@ -32,9 +32,11 @@ class UserError(Exception):
     """A mistake in the user's input. The CLI prints it as one line, without a traceback."""
 
 
-# Per-stage trainer fields that moved into the `learner:` block (learner.config.LearnerConfig).
-MOVED_TO_LEARNER = {"threads": "threads", "num_cpus": "cpus_per_worker", "num_gpus": "gpus_per_worker",
-                    "precision": "dtype' or 'learner.mixed_precision"}
+# Stage fields that moved into a block: trainer fields into `learner:` (learner.config.LearnerConfig),
+# OPD's sampling fields into `rollout:` (rollout.config.RolloutConfig).
+MOVED = {"threads": "learner.threads", "num_cpus": "learner.cpus_per_worker", "num_gpus": "learner.gpus_per_worker",
+         "precision": "learner.dtype' or 'learner.mixed_precision", "max_new_tokens": "rollout.max_new_tokens",
+         "temperature": "rollout.temperature", "top_p": "rollout.top_p", "generate_batch_size": "rollout.batch_size"}
 
 
 class StageFailed(RuntimeError):
@@ -310,8 +312,8 @@ def _one_line(e: ValidationError, cls: type[BaseModel], where: str, prefix: str)
         known = _fields_at(cls, err["loc"][:-1])
         field = str(err["loc"][-1])
         hint = _did_you_mean(field, known) if known else ""
-        if field in MOVED_TO_LEARNER and "learner" in known:
-            hint = f" (moved: did you mean 'learner.{MOVED_TO_LEARNER[field]}'?)"
+        if field in MOVED and MOVED[field].split(".")[0] in known:
+            hint = f" (moved: did you mean '{MOVED[field]}'?)"
         listing = f"; expected one of {', '.join(sorted(known))}" if known and not hint else ""
         return f"{where}: {dotted}: unknown field{hint}{listing}"
     if err["type"] == "missing":

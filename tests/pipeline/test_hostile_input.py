@@ -210,12 +210,12 @@ def test_every_learner_refuses_a_non_finite_step(tmp_path, nan_checkpoint, tiny_
 
     # GRPO: a reference policy whose log-probs are NaN (kl_coef > 0) poisons the loss.
     g = grpo.GRPOLearner(str(tiny_base), grpo.Config(model=str(tiny_base), kl_coef=0.1), local=True)
-    before = g.get_weights()
+    before = g.group.state_dict()
     batch = {"input_ids": torch.randint(0, 100, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long),
              "loss_mask": torch.ones(2, 5), "rollout_logp": torch.zeros(2, 5), "advantages": torch.tensor([1.0, -1.0])}
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 1"):
         g.train_step(batch, ref_logp=torch.full((2, 5), float("nan")))
-    assert all(torch.equal(v, before[k]) for k, v in g.get_weights().items())
+    assert all(torch.equal(v, before[k]) for k, v in g.group.state_dict().items())
 
     ctx = StageContext("t", "rm", tmp_path / "rm")
     ctx.out_dir.mkdir()
@@ -227,7 +227,7 @@ def test_every_learner_refuses_a_non_finite_step(tmp_path, nan_checkpoint, tiny_
     ctx = StageContext("t", "opd", tmp_path / "opd")
     ctx.out_dir.mkdir()
     cfg = opd.Config(student=str(tiny_base), teachers=[{"model": str(nan_checkpoint), "domains": ["math"]}],
-                     data=[{**ARITH, "size": 40, "heldout": 4}], rounds=1, prompts_per_round=4, max_new_tokens=4)
+                     data=[{**ARITH, "size": 40, "heldout": 4}], rounds=1, prompts_per_round=4, rollout={"max_new_tokens": 4})
     with pytest.raises(NonFiniteLoss, match="is nan at round 1 step 1"):
         opd.run(cfg, ctx, local=True)
     assert not (ctx.checkpoint_dir / "step_1").exists()

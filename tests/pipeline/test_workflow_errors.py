@@ -61,6 +61,9 @@ def test_good_workflow_orders_stages(tmp_path):
          "stages.sft.config.data.0.path: 'missing.jsonl' does not exist"),
         (GOOD.replace("steps: 5", "steps: 5, data: {source: jsonl}"), "stages.sft.config.data.0: Value error, source 'jsonl' needs `path`"),
         (GOOD.replace("name: t", "nme: t"), "nme: unknown field"),
+        (GOOD.replace("steps: 5", "steps: 5, num_cpus: 2"), "num_cpus: unknown field (moved: did you mean 'learner.cpus_per_worker'?)"),
+        ("name: t\nstages: {o: {kind: opd, config: {student: x, teachers: [{model: x, domains: [m]}], data: [{}], "
+         "max_new_tokens: 8}}}\n", "max_new_tokens: unknown field (moved: did you mean 'rollout.max_new_tokens'?)"),
         (GOOD + "  x: [\n", "not valid YAML at line"),
         ("- just\n- a list\n", "expected a mapping"),
         (b"\xff\xfe\x00bad", "cannot read"),
