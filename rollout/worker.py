@@ -49,8 +49,9 @@ class RolloutWorker:
         Agent prompts run as sandbox episodes; `episodes=False` samples only their first turn (OPD).
         """
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + first_group)  # reproducible, resumable sampling
-        agent = [g for g, s in enumerate(samples) if episodes and s.get("domain") == "agent"]
-        single = [g for g in range(len(samples)) if g not in set(agent)]
+        is_agent = [episodes and s.get("domain") == "agent" for s in samples]
+        agent = [g for g, a in enumerate(is_agent) if a]
+        single = [g for g, a in enumerate(is_agent) if not a]
         out: list[Rollout] = []
         if single:
             out += sample(self.backend, self.tokenizer, [samples[g] for g in single], self.cfg)
