@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--G", type=int, default=4, help="responses per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=7, help="timed generate calls per backend (median)")
+    ap.add_argument("--reps", type=int, default=5, help="timed generate calls per backend (median)")
     ap.add_argument("--syncs", type=int, default=5, help="timed weight syncs per backend (median), after a warm-up one")
     ap.add_argument("--probe", type=int, default=4, help="probe prompts that prove each sync")
     ap.add_argument("--bucket-mb", type=float, default=256)
