@@ -32,6 +32,7 @@ from experts.grpo_loss import (
     entropy_from_logits,
     group_advantages,
     informative_groups,
+    next_token_logprobs,
     overlong_penalty,
     policy_loss,
     token_logprobs,
@@ -138,12 +139,6 @@ def collate_rollouts(rollouts: list[Rollout], advantages: list[float], pad_id: i
             "advantages": torch.tensor(advantages, dtype=torch.float)}
 
 
-def logprobs_fn(model, mb: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """log pi of every next token of a micro-batch, [b, l-1] (a learner `forward` function)."""
-    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
-    return token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
-
-
 def grpo_loss(model, mb: dict[str, torch.Tensor], *, temperature: float, clip_low: float, clip_high: float,
               loss_agg: LossAgg, kl_coef: float, tis_cap: float | None) -> tuple[torch.Tensor, dict[str, float]]:
     """The learner objective: the clipped surrogate summed over the micro-batch (the group divides by the
@@ -171,18 +166,9 @@ def grpo_loss(model, mb: dict[str, torch.Tensor], *, temperature: float, clip_lo
     return loss, out
 
 
-def pad_rows(rows: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask of token rows."""
-    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def sequence_logprobs(group: WorkerGroup, batch: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
     """log pi of every next token of `batch` at the rollout temperature, [B, L-1], on `group`'s workers."""
-    fn = functools.partial(logprobs_fn, temperature=cfg.rollout.temperature)
+    fn = functools.partial(next_token_logprobs, temperature=cfg.rollout.temperature)
     return group.forward(batch, fn, cfg.micro_batch_size)
 
 

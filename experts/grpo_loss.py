@@ -173,6 +173,18 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, how: LossAgg, normaliser
     raise ValueError(f"unknown loss aggregation {how!r}")
 
 
+def next_token_logprobs(model, mb: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log pi of every next token of a micro-batch at `temperature`, [b, l-1] (a learner `forward` function).
+
+    A loss-computing wrapper (OPD's student, `inner` = the HF model) is called through its own forward,
+    in its plain-LM mode: under FSDP2 every forward must enter through the root module.
+    """
+    if hasattr(model, "inner"):
+        return model(mb, None, temperature)
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
+    return token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
+
+
 def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
     """Truncated importance sampling: min(pi_learner_old / pi_rollout, cap) per token, detached.
 

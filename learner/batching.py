@@ -83,3 +83,16 @@ def rank_micro_batches(batch: Batch, world: int, micro: int) -> tuple[list[list[
         pad = take(batch, c[0] if c else [0])
         out.append(real + [(pad, False)] * (n - len(real)))
     return out, parts
+
+
+def pad_rows(rows: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask of token rows.
+
+    >>> pad_rows([[5, 6, 7], [8]], pad_id=0)["input_ids"].tolist()
+    [[5, 6, 7], [8, 0, 0]]
+    """
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return {"input_ids": ids, "attention_mask": mask}

@@ -116,14 +116,11 @@ class HFBackend:
 
     @torch.no_grad()
     def prompt_logprobs(self, rows):
+        from experts.grpo_loss import next_token_logprobs
+        from learner.batching import pad_rows
+
         device = next(self.model.parameters()).device
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        lp = logits.log_softmax(-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        lp = next_token_logprobs(self.model, {k: v.to(device) for k, v in pad_rows(rows, self.pad_id).items()})
         return [lp[i, : len(r) - 1].tolist() for i, r in enumerate(rows)]
 
 

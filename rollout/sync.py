@@ -14,27 +14,16 @@ import time
 
 import torch
 
+from experts.grpo_loss import next_token_logprobs
+from learner.batching import pad_rows
 from learner.group import WorkerGroup
 from pipeline.config import StageFailed
 from rollout.worker import call
 
 
-def _logprobs_t1(model, mb: dict[str, torch.Tensor]) -> torch.Tensor:
-    from experts.grpo_loss import token_logprobs
-
-    if hasattr(model, "inner"):  # a loss-computing wrapper (OPD's student): its forward has a plain-LM mode
-        return model(mb, None)
-    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
-    return token_logprobs(logits, mb["input_ids"][:, 1:], 1.0)
-
-
 def learner_logprobs(group: WorkerGroup, rows: list[list[int]], micro_batch_size: int = 16) -> list[list[float]]:
     """Teacher-forced log-probs (temperature 1) of each row's tokens 1..n, on the learner group."""
-    ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    lp = group.forward({"input_ids": ids, "attention_mask": mask}, _logprobs_t1, micro_batch_size)
+    lp = group.forward(pad_rows(rows), next_token_logprobs, micro_batch_size)
     return [lp[i, : len(r) - 1].tolist() for i, r in enumerate(rows)]
 
 

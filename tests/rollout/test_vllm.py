@@ -36,16 +36,17 @@ def echo_sft(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     tok = train_tokenizer(sample_texts(load_samples(ECHO, "all")), vocab_size=300)
     save_checkpoint(build_tiny_model(tok, **SHAPE), tok, root / "base")
-    quick_sft(root / "base", ECHO, root / "early", steps=60, max_len=48)  # half-trained: GRPO has signal
+    quick_sft(root / "base", ECHO, root / "early", steps=100, max_len=48)  # part-trained: GRPO has signal
     return quick_sft(root / "base", ECHO, root / "sft", steps=300, max_len=48)
 
 
 def test_grpo_trains_on_vllm_rollouts_with_every_sync_proved(echo_sft, ray_session, tmp_path):
     from experts.grpo import Config, run
 
-    early = echo_sft.parent / "early"  # right some of the time: rewards differ within groups
+    early = echo_sft.parent / "early"
     cfg = Config(model=str(early), data=ECHO, rewards=RewardSpec(weights={"math": 1.0}), steps=3,
-                 prompts_per_step=4, lr=1e-3, dynamic_sampling=False, overlong="none", reward_workers=0,
+                 prompts_per_step=8, lr=1e-3, dynamic_sampling=False, reward_workers=0,
+                 overlong="penalty", overlong_buffer=12,  # a length term over the whole range: rewards differ in groups
                  rollout=RolloutConfig(backend="vllm", temperature=0.7, group_size=4, max_new_tokens=12))
     assert cfg.rollout.cap() == 2.0, "truncated IS is on by default for vLLM"
     run(cfg, StageContext("test", "grpo_vllm", tmp_path, seed=0))
