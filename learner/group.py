@@ -175,7 +175,7 @@ class WorkerGroup:
             return {k: v.clone() for k, v in self.workers[0].full_state_dict().items()}
         return self._call("full_state_dict_ref")[0][0]
 
-    def push_weights(self, targets: list, bucket_mb: float = 256) -> dict[str, float]:
+    def push_weights(self, targets: list, bucket_mb: float = 256) -> dict[str, int]:
         """Stream the current weights to rollout `targets` (Ray actors or local objects with
         `load_bucket` / `finish_sync`), whole layers per bucket of about `bucket_mb` MiB."""
         return self._call("push_weights", targets, int(bucket_mb * 2**20))[0]

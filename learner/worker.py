@@ -223,7 +223,7 @@ class LearnerWorker:
         prefix = "inner." if hasattr(self.model, "inner") else ""  # a loss-computing wrapper keeps the HF model there
         return {k.removeprefix(prefix): v for k, v in sd.items()}
 
-    def push_weights(self, targets: list, bucket_bytes: int) -> dict[str, float]:
+    def push_weights(self, targets: list, bucket_bytes: int) -> dict[str, int]:
         """Stream the model to rollout `targets` in HF names, whole decoder layers per bucket.
 
         Every rank must call: each parameter is gathered (FSDP2's all-gather) on every rank in the same
@@ -231,9 +231,6 @@ class LearnerWorker:
         in flight (never a whole model). A target is a Ray actor or a plain object with `load_bucket`
         and `finish_sync` (a local rollout worker).
         """
-        import time
-
-        start = time.perf_counter()
         prefix = "inner." if hasattr(self.model, "inner") else ""
         state = self.model.state_dict()  # DTensor shards under FSDP2: gathered one at a time below
         seen: set[int] = set()
@@ -257,7 +254,7 @@ class LearnerWorker:
                 buckets += 1
         if self.rank == 0:
             _send(targets, "finish_sync")
-        return {"sync/buckets": buckets, "sync/bytes": sent, "sync/seconds": time.perf_counter() - start}
+        return {"sync/buckets": buckets, "sync/bytes": sent}
 
     def full_state_dict_ref(self) -> list | None:
         """[ObjectRef of `full_state_dict()`] from rank 0 (a list, so Ray hands back the reference)."""

@@ -35,7 +35,7 @@ def probe_gap(want: list[list[float]], got: list[list[float]]) -> float:
 
 
 def sync_weights(group: WorkerGroup, workers: list, probe: list[list[int]], bucket_mb: float = 256,
-                 tolerance: float | None = None, check: bool = True) -> dict[str, float]:
+                 check: bool = True) -> dict[str, float]:
     """Push `group`'s weights to every rollout worker; with `check`, prove they arrived (StageFailed if not)."""
     start = time.perf_counter()
     m = group.push_weights(workers, bucket_mb)
@@ -45,8 +45,7 @@ def sync_weights(group: WorkerGroup, workers: list, probe: list[list[int]], buck
         tols = call(workers, "sync_tolerance")
         gaps = [probe_gap(want, got) for got in call(workers, "prompt_logprobs", probe)]
         m["sync/probe_logp_gap"] = max(gaps)
-        for i, (gap, tol) in enumerate(zip(gaps, tols)):
-            tol = tolerance or tol
+        for i, (gap, tol) in enumerate(zip(gaps, tols)):  # each worker's: rollout.sync_tolerance or its backend's
             if gap > tol:
                 raise StageFailed(f"rollout worker {i} has stale weights: probe log-probs differ from the learner's "
                                   f"by {gap:.3g} (tolerance {tol:g}); the weight sync did not take")
