@@ -131,10 +131,17 @@ class LearnerWorker:
             self.step = load_sharded(Path(resume), self.model, self.opt, self.sched)
         return self.step
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 with someone to shard with, or for its bf16 compute on a GPU. One CPU rank keeps plain
+        tensors: FSDP2's hooks and DTensors cost it a tenth of a train step and buy nothing."""
+        mixed = self.cfg.mixed_precision and self.device.type == "cuda"
+        return self.cfg.strategy == "fsdp2" and (self.world > 1 or mixed)
+
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.cfg.strategy == "ddp":
-            # Replicas start equal (rank 0's weights), and gradients are averaged in `_reduce_grads`:
-            # no DDP wrapper, so objectives may call any submodule, not only forward().
+        if not self.sharded:
+            # DDP, or one unsharded rank. Replicas start equal (rank 0's weights), and gradients are averaged
+            # in `_reduce_grads`: no DDP wrapper, so objectives may call any submodule, not only forward().
             for t in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(t.data, src=0)
             return model
@@ -197,7 +204,7 @@ class LearnerWorker:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
 
     def _sync_grads(self, last: bool) -> None:
-        if self.cfg.strategy == "fsdp2":  # reduce-scatter once, after the last micro-batch
+        if self.sharded:  # reduce-scatter once, after the last micro-batch
             self.model.set_requires_gradient_sync(last)
 
     def _reduce_grads(self) -> None:
