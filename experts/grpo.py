@@ -146,18 +146,24 @@ def grpo_loss(model, mb: dict[str, torch.Tensor], *, temperature: float, clip_lo
 
     Without `old_logp` in the micro-batch (one update per rollout batch) the old policy is this very
     forward pass, detached: ratio 1, no clipping, and the same gradient as with a second pass.
+    Logits are made only from the first trained position on (`logits_to_keep`): the prompt's are
+    never used, and the LM head over them is a large share of a small model's step.
     """
-    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
-    logp = token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
-    old = mb["old_logp"] if "old_logp" in mb else logp.detach()
-    m = mb["loss_mask"]
-    w = truncated_is_weights(old, mb["rollout_logp"], tis_cap) if tis_cap is not None else None
+    ids, m = mb["input_ids"], mb["loss_mask"]
+    scored = m.any(0).nonzero()
+    start = int(scored[0]) if len(scored) else 0  # first next-token column any row trains on
+    cut = {k: mb[k][:, start:] for k in ("old_logp", "rollout_logp", "ref_logp") if k in mb}
+    m = m[:, start:]
+    logits = model(input_ids=ids, attention_mask=mb["attention_mask"], logits_to_keep=ids.shape[1] - start).logits
+    logp = token_logprobs(logits[:, :-1], ids[:, start + 1:], temperature)
+    old = cut["old_logp"] if "old_logp" in cut else logp.detach()
+    w = truncated_is_weights(old, cut["rollout_logp"], tis_cap) if tis_cap is not None else None
     loss, st = policy_loss(logp, old, mb["advantages"], m, clip_low, clip_high, loss_agg,
-                           ref_logp=mb.get("ref_logp"), kl_coef=kl_coef, normaliser=1.0, is_weights=w)
+                           ref_logp=cut.get("ref_logp"), kl_coef=kl_coef, normaliser=1.0, is_weights=w)
     n = float(m.sum())
     with torch.no_grad():
-        ent = float((entropy_from_logits(logits.detach(), temperature) * m).sum())
-        gap = (old - mb["rollout_logp"]).abs() * m  # rollout engine vs learner, on trained tokens
+        ent = float((entropy_from_logits(logits[:, :-1].detach(), temperature) * m).sum())
+        gap = (old - cut["rollout_logp"]).abs() * m  # rollout engine vs learner, on trained tokens
         out = {"tokens": n, "entropy": ent, "clip_frac": float(st["clip_frac"]) * n, "kl": float(st["kl"]) * n,
                "logp_gap": float(gap.sum()), "max/logp_gap": float(gap.max()) if gap.numel() else 0.0}
         if w is not None:

@@ -108,6 +108,34 @@ def test_grpo_objective_reports_the_rollout_gap_and_capped_share(tiny_base):
     assert st["logp_gap"] == pytest.approx(3.0, abs=1e-5) and st["max/logp_gap"] == pytest.approx(3.0, abs=1e-5)
 
 
+def test_grpo_objective_scoring_only_trained_positions_equals_the_full_forward(tiny_base):
+    """Logits from the first trained column on (`logits_to_keep`) give the full forward's loss and gradient."""
+    from experts.grpo import grpo_loss
+    from experts.models import load_model
+
+    model = load_model(tiny_base)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 0], [5, 6, 7, 8, 9, 10, 11]])
+    attn = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
+    mask = torch.tensor([[0.0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]])  # prompts of 4 and 3 tokens
+    g = torch.Generator().manual_seed(0)
+    mb = {"input_ids": ids, "attention_mask": attn, "loss_mask": mask, "advantages": torch.tensor([1.0, -0.5]),
+          "rollout_logp": -torch.rand(2, 6, generator=g), "old_logp": -torch.rand(2, 6, generator=g),
+          "ref_logp": -torch.rand(2, 6, generator=g)}
+    kw = dict(temperature=0.7, clip_low=0.2, clip_high=0.28, loss_agg="token_mean", kl_coef=0.1, tis_cap=2.0)
+    loss, _ = grpo_loss(model, mb, **kw)
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:], 0.7)
+    w = truncated_is_weights(mb["old_logp"], mb["rollout_logp"], 2.0)
+    ref, _ = policy_loss(logp, mb["old_logp"], mb["advantages"], mask, 0.2, 0.28, "token_mean",
+                         ref_logp=mb["ref_logp"], kl_coef=0.1, normaliser=1.0, is_weights=w)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    for a, p in zip(ours, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_token_mean_and_seq_mean_differ_as_worked_by_hand():
     # row 0 has 1 token of value 1, row 1 has 3 tokens of value 3 (one position masked out)
     values = torch.tensor([[1.0, 9.0, 9.0, 9.0], [3.0, 3.0, 3.0, 9.0]])
