@@ -175,7 +175,7 @@ def main() -> None:
         print(f"{r['backend']}: tok/s per rep {[round(x, 1) for x in r['rates']]}; "
               f"sync s per push {[round(x, 3) for x in r['sync_all']]}")
     hf, vllm = results["hf"], results["vllm"]
-    print(f"vllm vs hf generate tokens/s: ratio {vllm['tok_s'] / hf['tok_s']:.2f} "
+    print(f"vllm vs hf rollout tokens/s: ratio {vllm['tok_s'] / hf['tok_s']:.2f} "
           f"(target >= 5 on GPU; none on CPU)")
     print(f"vllm vs hf weight sync seconds: ratio {vllm['sync_s'] / hf['sync_s']:.2f} (target none)")
 
