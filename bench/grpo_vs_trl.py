@@ -57,7 +57,8 @@ def run_ours(sft: Path, data: DataConfig, prompts: list[list[dict]], a) -> tuple
     cfg = Config(model=str(sft), data=data, rewards=RewardSpec(weights={"math": 1.0}), steps=a.steps,
                  prompts_per_step=a.prompts, lr=a.lr, mini_batches=1, micro_batch_size=a.prompts * a.G,
                  overlong="none", dynamic_sampling=False,
-                 rollout=RolloutConfig(group_size=a.G, max_new_tokens=a.max_new_tokens, reasoning="think_high"))
+                 rollout=RolloutConfig(group_size=a.G, max_new_tokens=a.max_new_tokens, reasoning="think_high",
+                                       batch_size=a.prompts * a.G))  # one generate call per step, as TRL
     torch.manual_seed(0)
     learner, worker, scorer = GRPOLearner(str(sft), cfg, local=True), RolloutWorker(str(sft), cfg.rollout), CombinedReward(cfg.rewards)
     pad = load_tokenizer(sft).pad_token_id
