@@ -5,7 +5,8 @@ borrows one per call and resets it, `session` holds one for a multi-turn agent e
 every call to a trajectory file that a restarted worker can replay. `sandbox.actor` serves a pool
 over Ray so rollout workers on any node share it; more machines means more pools behind the same
 actor API (`sandbox.actor`). `sandbox.toolcall` parses and formats the agent's XML tool calls;
-`sandbox.episode` plays one agent episode from a task YAML.
+`sandbox.episode` has the task schema and `Episode`, the stepper every agent episode runs on
+(`run_episode` plays one from a task YAML; `rollout.episodes` steps a batch of them).
 
 Speed comes from a small exec server that is each container's PID 1 (`sandbox/server.py`): the
 host sends JSON lines over the container's attached stdin, so no `docker exec` per command, and

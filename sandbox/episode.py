@@ -1,8 +1,11 @@
 """One agent episode: a policy emits tool calls, a sandbox session runs them, the task's check scores it.
 
-A task is a YAML file (the `Task` model below is its schema). A policy is anything with
-`policy(messages) -> str`: the scripted policy replays the task's `scripted_turns`, `HFPolicy`
-generates with a local Hugging Face checkpoint, and GRPO rollouts can plug in their own.
+A task is a YAML file (the `Task` model below is its schema). `Episode` is the one episode loop's
+stepper (open a session and set the task up, `step` on each assistant turn, `finish` with the
+check); `run_episode` drives one with a policy, anything with `policy(messages) -> str`: the
+scripted policy replays the task's `scripted_turns`, `HFPolicy` generates with a local Hugging
+Face checkpoint. GRPO rollouts, eval and OPD drive many at once, a batched generate call per turn
+(`rollout.episodes`).
 """
 
 from __future__ import annotations
@@ -189,13 +192,125 @@ def run_check(session: Session, task: Task) -> Result:
     of the episode is killed (background and setsid'd ones too), then `task.check_files` are
     written fresh from `setup.files`, then the check runs with a fixed PATH and a clean
     environment (see `Task.check`). Nothing the agent did can change the verdict except its
-    solution files. The one call both episode loops use (`run_episode`, `rollout.episodes`).
+    solution files. `Episode.finish` calls it, so both episode loops score this way.
     """
     files = {path: task.setup.files[path] for path in task.check_files}
     try:
         return session.check(task.check, files=files, timeout=task.timeout_s)
     except SandboxError as e:
         return Result.failed(f"check could not run: {e}")
+
+
+def clip_observation(text: str, limit: int | None) -> str:
+    """Tool output cut at `limit` characters, saying so (None: uncut).
+
+    >>> clip_observation("abcdef", 4)
+    'abcd\\n[output cut at 4 characters]'
+    >>> clip_observation("abcdef", None)
+    'abcdef'
+    """
+    return text if limit is None or len(text) <= limit else text[:limit] + f"\n[output cut at {limit} characters]"
+
+
+class Episode:
+    """One agent episode, stepped by whoever generates: open, then `step` per assistant turn, then `finish`.
+
+    The one episode loop's moving parts, shared by `run_episode` (one episode, a policy callable)
+    and `rollout.episodes` (many episodes, one batched generate call per turn). It keeps the
+    conversation and the turn count; the driver keeps what is its own (timing of generation,
+    tokens). One session serves setup, every turn and the check: the container and its lease live
+    for the whole episode, so the check sees the agent's solution (and, by `run_check`, nothing
+    else the agent left behind).
+    """
+
+    def __init__(self, task: Task, messages: list[dict] | None = None, max_turns: int | None = None,
+                 max_observation_chars: int | None = None):
+        """`messages`: the conversation before the first turn (default: the tools prompt, then the
+        task's prompt). `max_turns` caps the task's own; longer tool output is cut at `max_observation_chars`."""
+        self.task = task
+        self.messages = list(messages) if messages is not None else [
+            {"role": "system", "content": toolcall.tools_prompt()},
+            {"role": "user", "content": task.prompt},
+        ]
+        self.max_turns = task.max_turns if max_turns is None else min(max_turns, task.max_turns)
+        self.max_observation_chars = max_observation_chars
+        self.turns, self.done = 0, False  # a driver with limits of its own (tokens) may set done too
+        self.session: Session | None = None
+        self.check: Result | None = None
+        self.seconds = {"execute": 0.0}
+
+    def open(self, pool: SandboxPool, trajectory: str | Path | None = None) -> None:
+        """Hold a session from `pool` (or a `sandbox.actor.RemotePool`) and write the task's setup into it.
+
+        A setup command that fails is a TaskError (the session is released first).
+        """
+        self.session = pool.session(trajectory=trajectory)
+        try:
+            for path, content in self.task.setup.files.items():
+                self.session.write_file(path, content)
+            for cmd in self.task.setup.commands:
+                r = self.session.exec(cmd, timeout=self.task.timeout_s)
+                if r.exit_code != 0:
+                    raise TaskError(f"task {self.task.name}: setup command {cmd!r} failed: {render_result(r)}")
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self, text: str, cut: bool = False) -> str | None:
+        """Take one assistant turn: its tool call's observation (also added as a tool message), or None.
+
+        None when the turn is a final answer (no call), or was `cut` off mid-way (a token limit:
+        recorded, not run); either ends the episode, as does the last allowed turn. A turn whose
+        call does not parse gets the parser's errors as its observation.
+        """
+        self.turns += 1
+        self.messages.append({"role": "assistant", "content": text})  # reasoning stays in the transcript
+        if cut:
+            self.done = True
+            return None
+        parsed = toolcall.parse(text)
+        if parsed.errors:
+            obs = toolcall.error_observation(parsed.errors)
+        elif not parsed.calls:  # a final answer
+            self.done = True
+            return None
+        else:
+            t0 = time.monotonic()
+            obs = clip_observation(execute(self.session, parsed.calls[0], self.task.timeout_s), self.max_observation_chars)
+            self.seconds["execute"] += time.monotonic() - t0
+        self.messages.append(toolcall.tool_message(obs))
+        if self.turns >= self.max_turns:  # out of turns: the check still decides
+            self.done = True
+        return obs
+
+    def finish(self) -> Result | None:
+        """Run the task's check in the episode's session (`run_check`), then release the session.
+
+        None if the episode never got a session (or already finished).
+        """
+        if self.session is None:
+            return self.check
+        try:
+            self.check = run_check(self.session, self.task)
+        finally:
+            self.close()
+        return self.check
+
+    def close(self) -> None:
+        """Release the session without checking (an episode that failed); a no-op once released."""
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.close()
+
+    @property
+    def reward(self) -> float:
+        return 1.0 if self.check is not None and self.check.ok else 0.0
+
+    def result(self) -> dict:
+        """{"task", "reward", "turns", "messages", "check", "seconds"}: what `rewards.agent` scores."""
+        check = {} if self.check is None else {**self.check.to_dict(), "ok": self.check.ok}
+        return {"task": self.task.name, "reward": self.reward, "turns": self.turns, "messages": self.messages,
+                "check": check, "seconds": dict(self.seconds)}
 
 
 def run_episode(
@@ -205,44 +320,23 @@ def run_episode(
     transcript: str | Path | None = None,
     trajectory: str | Path | None = None,
 ) -> dict:
-    """Play one episode and return {"reward", "turns", "messages", "check"}; writes the transcript JSONL."""
-    messages = [
-        {"role": "system", "content": toolcall.tools_prompt()},
-        {"role": "user", "content": task.prompt},
-    ]
-    timings: dict[str, float] = {"generate": 0.0, "execute": 0.0}
-    turns = 0
-    # One session for setup, every turn and the final check: the container and its lease live
-    # for the whole episode, so the check sees the agent's solution (and, by `run_check`, nothing
-    # else the agent left behind).
-    with pool.session(trajectory=trajectory) as s:
-        for path, content in task.setup.files.items():
-            s.write_file(path, content)
-        for cmd in task.setup.commands:
-            r = s.exec(cmd, timeout=task.timeout_s)
-            if r.exit_code != 0:
-                raise TaskError(f"task {task.name}: setup command {cmd!r} failed: {render_result(r)}")
-        for turns in range(1, task.max_turns + 1):
+    """Play one episode and return {"reward", "turns", "messages", "check", ...}; writes the transcript JSONL."""
+    ep = Episode(task)
+    ep.open(pool, trajectory=trajectory)
+    generate_s = 0.0
+    try:
+        while not ep.done:
             t0 = time.monotonic()
-            text = policy(messages)
-            timings["generate"] += time.monotonic() - t0
-            messages.append({"role": "assistant", "content": text})  # reasoning stays in the transcript
-            parsed = toolcall.parse(text)
-            if parsed.errors:
-                obs = toolcall.error_observation(parsed.errors)
-            elif not parsed.calls:
-                break  # a final answer
-            else:
-                t0 = time.monotonic()
-                obs = execute(s, parsed.calls[0], task.timeout_s)
-                timings["execute"] += time.monotonic() - t0
-            messages.append(toolcall.tool_message(obs))
-        check = run_check(s, task)
-    reward = 1.0 if check.ok else 0.0
+            text = policy(ep.messages)
+            generate_s += time.monotonic() - t0
+            ep.step(text)
+        ep.finish()
+    finally:
+        ep.close()
+    out = ep.result()
+    out["seconds"] = {"generate": generate_s, **ep.seconds}
     log.info("episode %s: %d turn(s), reward %.1f, generate %.2fs, execute %.2fs",
-             task.name, turns, reward, timings["generate"], timings["execute"])
-    out = {"task": task.name, "reward": reward, "turns": turns, "messages": messages,
-           "check": check.to_dict(), "seconds": timings}
+             task.name, ep.turns, ep.reward, generate_s, ep.seconds["execute"])
     if transcript is not None:
         write_transcript(Path(transcript), out)
     return out
