@@ -43,6 +43,7 @@ COMMAND = "echo ok"
 ACQUIRE_TARGET_MS = 50.0
 SESSIONS_TARGET = 256
 MiB = 1 << 20
+WORKER = "scale-worker"  # the name of every thread that calls the pool
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -76,7 +77,7 @@ def run_threads(n: int, fn, deadline_s: float) -> list:
         except BaseException as e:  # noqa: BLE001 -- reported per thread by the caller
             out[i] = e
 
-    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
+    threads = [threading.Thread(target=body, args=(i,), name=f"{WORKER}-{i}", daemon=True) for i in range(n)]
     for t in threads:
         t.start()
     gate.wait()
@@ -266,12 +267,16 @@ def measure(n: int, args, pools: list[SandboxPool]) -> dict:
         t0 = time.perf_counter()
         pool.close()
         row["close_s"] = time.perf_counter() - t0
-        pools.remove(pool)
-        end = time.monotonic() + 30
-        while labelled(f"{LABEL}.pool={pool.pool_id}") and time.monotonic() < end:
-            time.sleep(0.2)
+        # Interrupted mid-phase, workers may still be starting containers (each start has a
+        # deadline): wait for them, so the sweep below sees every container this pool made.
+        end = time.monotonic() + args.start_timeout + 15
+        for t in threading.enumerate():
+            if t.name.startswith(WORKER):
+                t.join(max(0.0, end - time.monotonic()))
+        pool.wait_settled(30)  # replacements in flight finish destroying (close stops refills)
         row["left"] = len(labelled(f"{LABEL}.pool={pool.pool_id}"))
         remove_all(f"{LABEL}.pool={pool.pool_id}")  # never leave them, but count them first
+        pools.remove(pool)
     return row
 
 
@@ -331,8 +336,10 @@ def main() -> None:
     ap.add_argument("--image", default=DEFAULT_IMAGE)
     args = ap.parse_args()
 
-    # SIGTERM unwinds like Ctrl-C, through the finally blocks that remove the containers.
+    # SIGTERM (and SIGINT, even where a shell started us with it ignored) unwinds like Ctrl-C,
+    # through the finally blocks that remove the containers.
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     others_before = len(labelled(LABEL))
     print(f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / (1 << 30):.1f} GiB; "
           f"load average {os.getloadavg()[0]:.2f}; command {COMMAND!r}; {others_before} other sandbox "
@@ -348,7 +355,7 @@ def main() -> None:
         for pool in pools:  # only set when a size was interrupted mid-way
             pool.close()
             removed = remove_all(f"{LABEL}.pool={pool.pool_id}")
-            print(f"interrupted: removed {removed} container(s) of pool {pool.pool_id}", file=sys.stderr)
+            print(f"interrupted: removed {removed} more container(s) of pool {pool.pool_id}", file=sys.stderr)
     left_any = len(labelled(LABEL))
 
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}; sandbox containers on the daemon now "
