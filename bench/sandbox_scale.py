@@ -162,6 +162,47 @@ def daemons_rss() -> int:
                if cmd.split(" ")[0].rsplit("/", 1)[-1] in ("dockerd", "containerd"))
 
 
+def cpu_seconds(ids: list[str]) -> dict[str, float]:
+    """CPU seconds used so far by the containers (cgroup cpuacct), their containerd-shims and
+    dockerd + containerd; a key is missing where its counters are out of reach."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def proc_cpu(pid: int) -> float:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / tick
+        except (OSError, IndexError):
+            return 0.0
+
+    out = {}
+    usage = []
+    for cid in ids:
+        for p in (f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage", f"/sys/fs/cgroup/docker/{cid}/cpu.stat"):
+            try:
+                text = Path(p).read_text()
+            except OSError:
+                continue
+            usage.append(int(text) / 1e9 if p.endswith("usage") else int(text.split()[1]) / 1e6)
+            break
+    if len(usage) == len(ids):
+        out["containers"] = sum(usage)
+    wanted = set(ids)
+    procs = processes()
+    out["shims"] = sum(proc_cpu(pid) for pid, cmd in procs.items()
+                       if "containerd-shim" in cmd and set(cmd.split()) & wanted)
+    out["daemons"] = sum(proc_cpu(pid) for pid, cmd in procs.items()
+                         if cmd.split(" ")[0].rsplit("/", 1)[-1] in ("dockerd", "containerd"))
+    return out
+
+
+def idle_cpu(ids: list[str], window_s: float) -> dict[str, float]:
+    """Share of one core used by idle sandboxes over `window_s`, per part (containers, shims, daemons)."""
+    a = cpu_seconds(ids)
+    time.sleep(window_s)
+    b = cpu_seconds(ids)
+    return {k: (b[k] - a[k]) / window_s for k in a if k in b}
+
+
 def idle_memory(ids: list[str]) -> dict:
     """Per-container memory of idle sandboxes: cgroup charge and containerd-shim PSS (MiB lists)."""
     cg = {cid: cgroup_bytes(cid) for cid in ids}
@@ -256,6 +297,7 @@ def measure(n: int, args, pools: list[SandboxPool]) -> dict:
         row["mem"] = idle_memory(ids)
         row["daemons_mib"] = (daemons_rss() - daemons0) / MiB / max(1, len(ids))
         row["client_mib"] = (rss_bytes(os.getpid()) - rss0) / MiB / max(1, len(ids))
+        row["idle_cpu"] = idle_cpu(ids, args.idle_window)
         row["serial"] = serial_exec_ms(pool, args.serial)
         rounds = []
         for _ in range(args.rounds):
@@ -301,6 +343,9 @@ def report(row: dict, args) -> None:
           f"{row['daemons_mib']:+.2f} MiB and this client {row['client_mib']:+.2f} MiB per container; "
           f"total ~{total:.1f} MiB per sandbox")
     row["mem_total"] = total
+    cpu = row["idle_cpu"]
+    print(f"  idle CPU over {args.idle_window:g} s, all {row['idle_containers']} together, in cores: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()))
     s = row["serial"]
     print(f"  one session alone: exec p50 {pct(s, 50):.1f} ms, p99 {pct(s, 99):.1f} ms "
           f"({1000 / statistics.mean(s):.0f} exec/s)")
@@ -332,6 +377,7 @@ def main() -> None:
     ap.add_argument("--max-starting", type=int, default=4, help="the pool's limit on containers starting at once")
     ap.add_argument("--start-timeout", type=float, default=30.0, help="Limits.start_timeout_s")
     ap.add_argument("--serial", type=int, default=50, help="exec calls of the one-session baseline")
+    ap.add_argument("--idle-window", type=float, default=5.0, help="seconds over which idle CPU is measured")
     ap.add_argument("--deadline", type=float, default=300.0, help="seconds any one phase may take")
     ap.add_argument("--image", default=DEFAULT_IMAGE)
     args = ap.parse_args()
