@@ -119,6 +119,12 @@ class Config(StageConfig):
         return self
 
 
+def resources(cfg: Config) -> dict[str, float]:
+    """Ray resources the stage holds at once at most: the student's learner group and its rollout actors."""
+    a, b = cfg.learner.resources(), cfg.rollout.resources()
+    return {k: a[k] + b[k] for k in a}
+
+
 def run(cfg: Config, ctx: StageContext, local: bool = False) -> None:
     """Distil the teachers into the student for `cfg.rounds` rounds; resume from the last round checkpoint.
 

@@ -96,6 +96,11 @@ def score_model(model_path: str, samples: list[dict], cfg: Config) -> dict:
             "completions": [r.text for r in rollouts]}
 
 
+def resources(cfg: Config) -> dict[str, float]:
+    """What the stage needs to make progress: one scoring task (models are scored in tasks that queue)."""
+    return {"CPU": 1.0, "GPU": cfg.num_gpus}
+
+
 def run(cfg: Config, ctx: StageContext) -> None:
     score = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus)(score_model)
     results: dict[str, dict[str, dict]] = {}

@@ -307,6 +307,14 @@ def probe_rows(tokenizer, samples: list[dict], cfg: Config) -> list[list[int]]:
     return [render_prompt(tokenizer, s["messages"], enable_thinking=think) for s in samples[: cfg.probe_prompts]]
 
 
+def resources(cfg: Config) -> dict[str, float]:
+    """Ray resources the stage holds at once at most: learner, rollout actors, reference group, reward actors."""
+    parts = [cfg.learner.resources(), cfg.rollout.resources(), {"CPU": cfg.reward_workers * cfg.reward_cpus}]
+    if cfg.kl_coef > 0:
+        parts.append(cfg.learner.resources(cpu_share=1 / 4))  # ReferencePolicy: same workers, a quarter of the CPUs
+    return {k: sum(p.get(k, 0.0) for p in parts) for k in ("CPU", "GPU")}
+
+
 def run(cfg: Config, ctx: StageContext) -> None:
     model_path = str(ctx.model_path(cfg.model))
     tok = load_tokenizer(model_path)

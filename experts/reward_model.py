@@ -139,6 +139,11 @@ def accuracy(group: WorkerGroup, tok, pairs: list[dict], max_length: int) -> flo
     return float((s[:, 0] > s[:, 1]).float().mean())
 
 
+def resources(cfg: Config) -> dict[str, float]:
+    """Ray resources the stage holds at once at most (the runner starts stages side by side that fit)."""
+    return cfg.learner.resources()
+
+
 def run(cfg: Config, ctx: StageContext) -> None:
     from rewards.if_data import preference_pairs, read_jsonl
 

@@ -137,6 +137,11 @@ def train_step(group: WorkerGroup, rows: list[tuple[list[int], list[int]]], cfg:
     return {"loss": out["loss"] / max(1, n), "grad_norm": out["grad_norm"], "lr": out["lr"], "tokens": n}
 
 
+def resources(cfg: Config) -> dict[str, float]:
+    """Ray resources the stage holds at once at most (the runner starts stages side by side that fit)."""
+    return cfg.learner.resources()
+
+
 def run(cfg: Config, ctx: StageContext) -> None:
     model_path = ctx.model_path(cfg.model)
     tok = load_tokenizer(model_path)

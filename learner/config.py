@@ -34,3 +34,7 @@ class LearnerConfig(BaseModel):
                                                  "worker per node (Ray STRICT_SPREAD).")
     collective_timeout_s: float = Field(600.0, gt=0, le=86400, description="Timeout of every collective; a rank "
                                         "that stops answering fails the step instead of hanging it.")
+
+    def resources(self, cpu_share: float = 1.0) -> dict[str, float]:
+        """Ray resources the whole group holds; `cpu_share` scales each worker's CPUs (a reference copy: 1/4)."""
+        return {"CPU": self.workers * self.cpus_per_worker * cpu_share, "GPU": self.workers * self.gpus_per_worker}

@@ -27,6 +27,20 @@ def one_line(e: Exception) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
 
 
+def quiet_ray() -> None:
+    """Disconnect from Ray (stopping an embedded one) so that no forwarded worker log lands after our error line."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into one line and exit 2)."""
+    n = int(text)
+    if n < 1:
+        raise ValueError(text)
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -41,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         r.add_argument("--force", action="store_true", help="redo stages that already finished")
         r.add_argument("--address", required=name == "submit",
                        help="Ray cluster (run: ray://host:10001 or auto; submit: http://host:8265)")
+        r.add_argument("--max-parallel", type=positive, metavar="N",
+                       help="at most N stages at once (default: as many as the cluster's CPUs and GPUs admit)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -50,16 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "run":
             from pipeline.runner import run_workflow
 
-            status = run_workflow(wf, args.runs_dir, args.stage, args.force, args.address)
+            status = run_workflow(wf, args.runs_dir, args.stage, args.force, args.address, args.max_parallel)
             print(f"{wf.name}: " + ", ".join(f"{n} {s}" for n, s in status.items()))
         else:
             from pipeline.submit import submit_workflow
 
-            submit_workflow(wf, args.address, args.runs_dir, args.stage, args.force)
+            submit_workflow(wf, args.address, args.runs_dir, args.stage, args.force, max_parallel=args.max_parallel)
     except UserError as e:
+        quiet_ray()
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except StageFailed as e:
+        quiet_ray()
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

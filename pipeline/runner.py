@@ -1,4 +1,5 @@
-"""Run a workflow's stages in dependency order on Ray: skip finished ones, resume killed ones."""
+"""Run a workflow's stages on Ray: side by side where their needs and the cluster allow; skip finished
+ones, resume killed ones. Each stage's driver is its own Ray task (its own process, its own stage.log)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import yaml
 
 from pipeline.config import Stage, StageFailed, UserError, Workflow
 from pipeline.context import StageContext, atomic_write_json, atomic_write_text
-from pipeline.stages import stage_module
+from pipeline.schedule import run_graph, stage_error
+from pipeline.stages import resources, stage_module
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +139,20 @@ def is_done(stage: Stage, out_dir: Path) -> bool:
 
 
 def run_workflow(
-    wf: Workflow, runs_dir: Path, only: str | None = None, force: bool = False, address: str | None = None
+    wf: Workflow, runs_dir: Path, only: str | None = None, force: bool = False, address: str | None = None,
+    max_parallel: int | None = None,
 ) -> dict[str, str]:
-    """Run every stage (or just `only`), in order. Returns {stage: "ran" | "skipped"}."""
+    """Run every stage (or just `only`, here in this process). Returns {stage: "ran" | "skipped"}.
+
+    Stages whose needs are done start together, up to `max_parallel` and what the cluster's
+    resources admit (`pipeline.schedule`); each runs as a Ray task pinned to this node, so every
+    stage reads and writes the same runs directory.
+    """
     if only is not None and only not in wf.stages:
         raise UserError(f"{wf.path}: --stage {only!r}: no such stage; stages are {', '.join(wf.stages)}")
     dirs = stage_dirs(wf, runs_dir)
-    with workflow_lock(workflow_dir(wf, runs_dir)):  # every run, --stage or not: one writer per workflow
+    top = workflow_dir(wf, runs_dir)
+    with workflow_lock(top):  # every run, --stage or not: one writer per workflow
         todo = [only] if only else list(wf.stages)
         for name in todo:  # a lone stage needs its inputs finished already
             for dep in wf.stages[name].needs:
@@ -152,16 +161,65 @@ def run_workflow(
         init_ray(address)
         status = {}
         for name in todo:
-            stage = wf.stages[name]
             if force and dirs[name].exists():
-                shutil.rmtree(inside(dirs[name], workflow_dir(wf, runs_dir)))
-            if is_done(stage, dirs[name]):
+                shutil.rmtree(inside(dirs[name], top))
+            if is_done(wf.stages[name], dirs[name]):
                 log.info("stage %s: finished earlier, skipping (use --force to redo)", name)
                 status[name] = "skipped"
-                continue
-            run_stage(wf, stage, dirs)
-            status[name] = "ran"
-        return status
+        if only:
+            if not status:
+                run_stage(wf, wf.stages[only], dirs)
+        else:
+            import ray
+
+            capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            left = [n for n in todo if n not in status]
+            run_graph(wf, left, set(status), StageTasks(wf, dirs), lambda n: resources(wf.stages[n]), capacity,
+                      max_parallel)
+        return {n: status.get(n, "ran") for n in todo}
+
+
+class StageTasks:
+    """`pipeline run`'s launcher: each stage's driver a Ray task on this node, in a fresh process."""
+
+    def __init__(self, wf: Workflow, dirs: dict[str, Path]):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.task = ray.remote(num_cpus=0, max_calls=1, max_retries=0, scheduling_strategy=here)(stage_task)
+        self.wf, self.dirs, self.refs = wf, dirs, {}
+
+    def start(self, name: str) -> None:
+        self.refs[self.task.remote(self.wf, name, self.dirs)] = name
+
+    def wait_one(self) -> tuple[str, Exception | None]:
+        import ray
+
+        [ref], _ = ray.wait(list(self.refs), num_returns=1)
+        name = self.refs.pop(ref)
+        try:
+            outcome = ray.get(ref)
+        except Exception as e:  # the task's process died (OOM kill, a crash in native code)
+            return name, StageFailed(f"stage {name!r} ({self.wf.stages[name].kind}): its driver died: "
+                                     f"{str(e).strip().splitlines()[-1]}; log: {self.dirs[name] / 'stage.log'}")
+        return name, None if outcome is None else stage_error(*outcome)
+
+
+def stage_task(wf: Workflow, name: str, dirs: dict[str, Path]) -> tuple[str, str] | None:
+    """One stage in a Ray task: None when it finished, else ("user" | "failed", one line naming it and its log)."""
+    logging.getLogger().setLevel(logging.INFO)
+    log_file = dirs[name] / "stage.log"
+    try:
+        run_stage(wf, wf.stages[name], dirs)
+    except UserError as e:
+        return "user", f"{e}; log: {log_file}"
+    except StageFailed as e:
+        return "failed", f"{e}; log: {log_file}"
+    except Exception as e:  # a bug: the traceback is in stage.log
+        first = (str(e).strip().splitlines() or [""])[0]
+        return "failed", f"stage {name!r} ({wf.stages[name].kind}): {type(e).__name__}: {first}; log: {log_file}"
+    return None
 
 
 def run_stage(wf: Workflow, stage: Stage, dirs: dict[str, Path]) -> None:
@@ -189,9 +247,13 @@ def run_stage(wf: Workflow, stage: Stage, dirs: dict[str, Path]) -> None:
     except StageFailed as e:  # e.g. a learner worker died: one line naming the stage and the worker
         log.error("stage %s: %s", stage.name, e)
         raise StageFailed(f"stage {stage.name!r} ({stage.kind}): {e}") from None
+    except Exception:
+        log.exception("stage %s: failed", stage.name)  # the traceback goes to stage.log too
+        raise
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
     atomic_write_json(out / DONE_FILE, {"config_hash": config_hash(stage), "seconds": round(time.time() - t0, 1),
+                                        "started": round(t0, 3), "ended": round(time.time(), 3),
                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     log.info("stage %s: done in %.1fs", stage.name, time.time() - t0)

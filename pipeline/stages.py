@@ -17,3 +17,9 @@ STAGES: dict[str, str] = {
 
 def stage_module(kind: str) -> ModuleType:
     return importlib.import_module(STAGES[kind])
+
+
+def resources(stage) -> dict[str, float]:
+    """The Ray resources `stage` holds at once at most (its module's `resources(cfg)`; none declared: {})."""
+    declared = getattr(stage_module(stage.kind), "resources", None)
+    return dict(declared(stage.config)) if declared else {}

@@ -1,8 +1,9 @@
-"""Submit each stage of a workflow as its own Ray job, in dependency order, and follow it.
+"""Submit each stage of a workflow as its own Ray job, side by side where needs and resources allow.
 
 Each job is exactly `ray job submit --working-dir . -- python -m pipeline run FILE --stage NAME`:
 the current directory is uploaded as the job's code, and artifacts go to an absolute runs
-directory, which must be storage every node sees (on one machine, any local path).
+directory, which must be storage every node sees (on one machine, any local path). Which stages
+run together is `pipeline.schedule`'s decision, as for `pipeline run`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import UserError, Workflow
+from pipeline.config import StageFailed, UserError, Workflow
 from pipeline.runner import LOCK_HELD_ENV, is_done, stage_dirs, workflow_dir, workflow_lock
+from pipeline.schedule import run_graph
+from pipeline.stages import resources
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +30,9 @@ def entrypoint(workflow: Path, stage: str, runs_dir: Path) -> str:
 
 
 def submit_workflow(wf: Workflow, address: str, runs_dir: Path, only: str | None = None,
-                    force: bool = False, poll_s: float = 1.0, out=sys.stdout) -> None:
-    """Submit the stages one job each, stream their logs, and stop at the first failure.
+                    force: bool = False, poll_s: float = 1.0, out=sys.stdout, max_parallel: int | None = None) -> None:
+    """Submit the stages one job each, stream their logs (each line prefixed `[stage]`), and start
+    nothing new after the first failure.
 
     The driver holds the workflow's lock for the whole submission, as `run` does, so a second
     `submit` or `run` of the workflow is refused. Each job's inner `pipeline run --stage` is told
@@ -39,11 +43,11 @@ def submit_workflow(wf: Workflow, address: str, runs_dir: Path, only: str | None
         raise UserError(f"{wf.path}: --stage {only!r}: no such stage; stages are {', '.join(wf.stages)}")
     wf_dir = workflow_dir(wf, runs_dir)
     with workflow_lock(wf_dir):
-        _submit_stages(wf, address, runs_dir, only, force, poll_s, out, wf_dir)
+        _submit_stages(wf, address, runs_dir, only, force, poll_s, out, wf_dir, max_parallel)
 
 
 def _submit_stages(wf: Workflow, address: str, runs_dir: Path, only: str | None, force: bool, poll_s: float,
-                   out, wf_dir: Path) -> None:
+                   out, wf_dir: Path, max_parallel: int | None) -> None:
     from ray.job_submission import JobSubmissionClient
 
     cwd = Path.cwd().resolve()
@@ -56,22 +60,70 @@ def _submit_stages(wf: Workflow, address: str, runs_dir: Path, only: str | None,
     except Exception as e:  # connection refused, bad URL: say which address
         raise UserError(f"--address {address}: cannot reach the Ray job server: {str(e).splitlines()[0]}") from None
     dirs = stage_dirs(wf, runs_dir)
+    todo, finished = [], set()
     for name in [only] if only else list(wf.stages):
         if not force and is_done(wf.stages[name], dirs[name]):
             print(f"[{name}] finished earlier, skipping", file=out, flush=True)
-            continue
-        cmd = entrypoint(rel, name, runs_dir.resolve()) + (" --force" if force else "")
-        job_id = submit_when_ready(
-            client,
-            entrypoint=cmd,
-            runtime_env={"working_dir": str(cwd), "excludes": EXCLUDES, "env_vars": {LOCK_HELD_ENV: str(wf_dir)}},
-            submission_id=f"{wf.name}-{name}-{int(time.time())}",
-        )
-        print(f"[{name}] submitted as {job_id}: {cmd}", file=out, flush=True)
-        status = follow(client, job_id, name, poll_s, out)
-        if status != "SUCCEEDED":
-            raise UserError(f"stage {name!r} failed: job {job_id} ended {status}; see `ray job logs {job_id}`")
-        print(f"[{name}] {status}", file=out, flush=True)
+            finished.add(name)
+        else:
+            todo.append(name)
+    env = {"working_dir": str(cwd), "excludes": EXCLUDES, "env_vars": {LOCK_HELD_ENV: str(wf_dir)}}
+    jobs = StageJobs(client, wf, dirs, lambda n: entrypoint(rel, n, runs_dir.resolve()) + (" --force" if force else ""),
+                     env, poll_s, out)
+    if only:  # its needs were checked by the job's own `pipeline run --stage`
+        finished |= set(wf.stages[only].needs)
+    run_graph(wf, todo, finished, jobs, lambda n: resources(wf.stages[n]), cluster_capacity(address), max_parallel)
+
+
+def cluster_capacity(address: str) -> dict[str, float]:
+    """CPUs and GPUs of the cluster's live nodes, from the dashboard at `address` (Ray's state API)."""
+    from ray.util.state import list_nodes
+
+    try:
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True)
+    except Exception as e:
+        raise UserError(f"--address {address}: cannot list the cluster's nodes: {str(e).splitlines()[0]}") from None
+    return {k: sum(float((n.resources_total or {}).get(k, 0.0)) for n in nodes) for k in ("CPU", "GPU")}
+
+
+class StageJobs:
+    """`pipeline submit`'s launcher: each stage a Ray job; their logs interleave, each line prefixed `[stage]`."""
+
+    def __init__(self, client, wf: Workflow, dirs: dict[str, Path], command, runtime_env: dict, poll_s: float, out):
+        self.client, self.wf, self.dirs, self.command, self.env = client, wf, dirs, command, runtime_env
+        self.poll_s, self.out = poll_s, out
+        self.jobs: dict[str, list] = {}  # stage -> [job id, characters of its log shown]
+
+    def start(self, name: str) -> None:
+        cmd = self.command(name)
+        job_id = submit_when_ready(self.client, entrypoint=cmd, runtime_env=self.env,
+                                   submission_id=f"{self.wf.name}-{name}-{int(time.time() * 1000)}")
+        print(f"[{name}] submitted as {job_id}: {cmd}", file=self.out, flush=True)
+        self.jobs[name] = [job_id, 0]
+
+    def wait_one(self) -> tuple[str, Exception | None]:
+        while True:
+            for name, state in list(self.jobs.items()):
+                job_id, shown = state
+                status = str(self.client.get_job_status(job_id)).split(".")[-1]
+                logs = self.client.get_job_logs(job_id)
+                for line in logs[shown:].splitlines():
+                    print(f"[{name}] {line}", file=self.out, flush=True)
+                state[1] = len(logs)
+                if status in TERMINAL:
+                    del self.jobs[name]
+                    print(f"[{name}] {status}", file=self.out, flush=True)
+                    return name, None if status == "SUCCEEDED" else self._error(name, job_id, status, logs)
+            time.sleep(self.poll_s)
+
+    def _error(self, name: str, job_id: str, status: str, logs: str) -> Exception:
+        """The stage's own one-line error (the job's last `error:` line) when it printed one, naming its log."""
+        said = [ln.removeprefix("error: ") for ln in logs.splitlines() if ln.startswith("error: ")]
+        where = f"log: {self.dirs[name] / 'stage.log'}; `ray job logs {job_id}`"
+        if said:
+            code = getattr(self.client.get_job_info(job_id), "driver_exit_code", None)
+            return (UserError if code == 2 else StageFailed)(f"{said[-1]}; {where}")
+        return StageFailed(f"stage {name!r} ({self.wf.stages[name].kind}): job {job_id} ended {status}; {where}")
 
 
 def submit_when_ready(client, timeout_s: float = 300.0, **job) -> str:
@@ -87,17 +139,3 @@ def submit_when_ready(client, timeout_s: float = 300.0, **job) -> str:
                 raise UserError(f"the cluster's job agent was not ready within {timeout_s:.0f}s; is every node up?") from None
             log.info("the cluster's job agent is not ready yet; retrying")
             time.sleep(2.0)
-
-
-def follow(client, job_id: str, name: str, poll_s: float, out) -> str:
-    """Print the job's new log lines until it ends; returns its final status."""
-    shown = 0
-    while True:
-        status = str(client.get_job_status(job_id)).split(".")[-1]
-        logs = client.get_job_logs(job_id)
-        for line in logs[shown:].splitlines():
-            print(f"[{name}] {line}", file=out, flush=True)
-        shown = len(logs)
-        if status in TERMINAL:
-            return status
-        time.sleep(poll_s)

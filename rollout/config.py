@@ -75,6 +75,10 @@ class RolloutConfig(StageConfig):
             return DEFAULT_TIS_CAP if self.backend == "vllm" else None
         return self.tis_cap
 
+    def resources(self) -> dict[str, float]:
+        """Ray resources the rollout actors hold together."""
+        return {"CPU": self.num_workers * self.num_cpus, "GPU": self.num_workers * self.num_gpus}
+
     @field_validator("tis_cap")
     @classmethod
     def _cap_at_least_one(cls, v):

@@ -1,4 +1,5 @@
-"""A workflow submitted to a real two-node Ray cluster runs each stage as its own Ray job."""
+"""Workflows on a real two-node Ray cluster: each stage its own Ray job (submit) or task (run), and
+independent stages side by side."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.pipeline.test_run import REPO, steps_logged, tiny_workflow
+from tests.pipeline.test_run import BASE_STAGE, DATA, REPO, steps_logged, tiny_workflow
 
 
 def free_port() -> int:
@@ -23,9 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
-    """`ray start --head` plus a second `ray start --address` node with its own resources."""
+    """`ray start --head` plus a second `ray start --address` node with its own resources (1 CPU each)."""
     temp = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's unix sockets live under it
     gcs, dash = free_port(), free_port()
     # Ray >= 2.5x turns on token auth for `ray start --head`; a loopback test cluster opts out.
@@ -87,3 +88,82 @@ def test_submit_to_a_dead_address_is_one_clear_line(tmp_path):
                         "--address", f"http://127.0.0.1:{free_port()}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: --address http://127.0.0.1:") and "Traceback" not in r.stderr
+
+
+def two_experts(name: str, bad: Path | None = None) -> str:
+    """base -> sft_a, sft_b (independent, 1 CPU each) -> eval of both; `bad`: sft_b's model, a directory
+    that passes validation (it has a config.json) but holds no tokenizer, so sft_b fails once it runs."""
+    sft = "{{model: {model}, data: {data}, steps: 12, batch_size: 8}}"
+    return f"""
+name: {name}
+stages:{BASE_STAGE}
+  sft_a:
+    kind: sft
+    needs: [base]
+    config: {sft.format(model="base", data=DATA)}
+  sft_b:
+    kind: sft
+    needs: [base]
+    config: {sft.format(model=bad or "base", data=DATA)}
+  eval:
+    kind: eval
+    needs: [sft_a, sft_b]
+    config: {{models: [sft_a, sft_b], data: [{DATA}], limit: 4, max_new_tokens: 8}}
+"""
+
+
+def interval(stage_dir: Path) -> tuple[float, float]:
+    done = json.loads((stage_dir / "DONE.json").read_text())
+    return done["started"], done["ended"]
+
+
+def assert_side_by_side(top: Path) -> None:
+    (a0, a1), (b0, b1), (e0, _) = interval(top / "sft_a"), interval(top / "sft_b"), interval(top / "eval")
+    assert a0 < b1 and b0 < a1, f"sft_a {a0:.1f}-{a1:.1f} and sft_b {b0:.1f}-{b1:.1f} did not overlap"
+    assert e0 >= max(a1, b1), "eval started before both experts finished"
+
+
+def test_run_starts_independent_stages_together_on_two_nodes(two_node_cluster, tmp_path):
+    _, gcs, env = two_node_cluster
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(two_experts("parallel_run"))
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(wf), "--address", gcs, "--runs-dir",
+                        str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "parallel_run: base ran, sft_a ran, sft_b ran, eval ran" in r.stdout
+    top = tmp_path / "runs" / "parallel_run"
+    assert_side_by_side(top)
+    for stage in ("sft_a", "sft_b"):  # each driver wrote its own log
+        log = (top / stage / "stage.log").read_text()
+        assert f"stage {stage} (sft): starting" in log and f"sft {stage}: 91 rows, 12 steps" in log
+
+
+def test_submit_runs_independent_stages_as_concurrent_jobs(two_node_cluster, tmp_path):
+    dashboard, _, env = two_node_cluster
+    wf = REPO / f"parallel_test_{os.getpid()}.yaml"  # inside the uploaded working dir
+    wf.write_text(two_experts("parallel_submit"))
+    runs = tmp_path / "runs"
+    try:
+        r = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(wf.relative_to(REPO)), "--address", dashboard,
+                            "--runs-dir", str(runs)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        wf.unlink()
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert_side_by_side(runs / "parallel_submit")
+    assert r.stdout.index("[sft_b] submitted") < r.stdout.index("[sft_a] SUCCEEDED")  # two jobs at once
+
+
+def test_a_failed_stage_starts_nothing_new_and_lets_the_running_one_finish(tmp_path):
+    wf = tmp_path / "wf.yaml"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "qwen2"}')
+    wf.write_text(two_experts("failing", bad=tmp_path / "broken"))
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(wf), "--runs-dir", str(tmp_path / "runs")],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    top = tmp_path / "runs" / "failing"
+    assert r.returncode == 1, (r.stdout + r.stderr)[-4000:]  # a stage that crashed, not a bad workflow (2)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage 'sft_b' (sft): ") and last.endswith(f"log: {top / 'sft_b' / 'stage.log'}")
+    assert "Traceback" in (top / "sft_b" / "stage.log").read_text()  # the whole story is in the stage's log
+    assert (top / "sft_a" / "DONE.json").exists()  # started beside sft_b, and finished
+    assert not (top / "sft_b" / "DONE.json").exists() and not (top / "eval").exists()
