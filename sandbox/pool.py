@@ -31,14 +31,25 @@ def command_argv(cmd: str | list[str]) -> list[str]:
     return ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
 
 
+def listed(client, label: str = LABEL) -> list[dict]:
+    """The daemon's one-call listing of containers carrying `label`: [{id, name, labels, status, image}].
+
+    Not `containers.list()`, which inspects each container after listing and fails with NotFound
+    when another pool on the same daemon removes one in between.
+    """
+    return [{"id": c["Id"], "name": (c.get("Names") or ["/?"])[0].lstrip("/"), "labels": c.get("Labels") or {},
+             "status": c.get("State", "?"), "image": c.get("Image", "?")}
+            for c in client.api.containers(all=True, filters={"label": label})]
+
+
 def reap_orphans(client, everything: bool = False) -> list[str]:
     """Remove sandbox containers whose owning process is dead (or all of them); returns their names."""
     removed = []
-    for c in client.containers.list(all=True, filters={"label": LABEL}):
-        if everything or is_orphan(c.labels):
+    for c in listed(client):
+        if everything or is_orphan(c["labels"]):
             try:
-                c.remove(force=True)
-                removed.append(c.name)
+                client.api.remove_container(c["id"], force=True)
+                removed.append(c["name"])
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as e:
@@ -242,8 +253,7 @@ class SandboxPool:
 
     def containers(self) -> list[str]:
         """Names of the containers that exist for this pool, as the daemon sees them."""
-        flt = {"label": f"{LABEL}.pool={self.pool_id}"}
-        return [c.name for c in self.client.containers.list(all=True, filters=flt)]
+        return [c["name"] for c in listed(self.client, f"{LABEL}.pool={self.pool_id}")]
 
     def ps(self) -> list[dict]:
         """Live sandbox containers on this daemon (every pool's, not only ours)."""
@@ -441,11 +451,6 @@ class Session:
 
 def list_sandboxes(client) -> list[dict]:
     """Every container carrying our label, with its state and whether its owner is gone."""
-    rows = []
-    for c in client.containers.list(all=True, filters={"label": LABEL}):
-        rows.append({
-            "name": c.name, "status": c.status, "image": c.attrs["Config"]["Image"],
-            "pool": c.labels.get(f"{LABEL}.pool", "?"), "owner_pid": c.labels.get(f"{LABEL}.pid", "?"),
-            "orphan": is_orphan(c.labels),
-        })
-    return rows
+    return [{"name": c["name"], "status": c["status"], "image": c["image"],
+             "pool": c["labels"].get(f"{LABEL}.pool", "?"), "owner_pid": c["labels"].get(f"{LABEL}.pid", "?"),
+             "orphan": is_orphan(c["labels"])} for c in listed(client)]
