@@ -200,13 +200,14 @@ class CacheReader:
 
     def step_tokens(self) -> dict[int, int]:
         """Response tokens per optimizer step, to weight each batch's share of its step's mean loss."""
-        out: dict[int, int] = {}
-        for s in self.index["shards"]:
-            out[s["step"]] = out.get(s["step"], 0) + s["rows"]
-        return out
+        return step_tokens(self.index)
 
     def __iter__(self) -> Iterator[TeacherBatch]:
-        shards = self.index["shards"]
+        return self.batches()
+
+    def batches(self, step: int | None = None) -> Iterator[TeacherBatch]:
+        """The round's batches in (step, teacher) order, or only those of optimizer step `step`."""
+        shards = [s for s in self.index["shards"] if step is None or s["step"] == step]
         if not shards:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-cache") as pool:
@@ -250,25 +251,47 @@ class CacheReader:
 
     def _batches(self, entry: dict, tensors: dict[str, torch.Tensor]) -> Iterator[TeacherBatch]:
         hidden, ids = tensors["hidden"], tensors["input_ids"]
-        group: list[dict] = []
-        size = 0
-        for s in entry["samples"] + [None]:
-            if group and (s is None or size + s["ids"][1] > self.batch_tokens):
-                first, last = group[0]["rows"], group[-1]["rows"]
-                yield TeacherBatch(
-                    teacher=entry["teacher"],
-                    step=entry["step"],
-                    sample_ids=[g["id"] for g in group],
-                    domains=[g["domain"] for g in group],
-                    input_ids=[ids[g["ids"][0] : g["ids"][0] + g["ids"][1]].long() for g in group],
-                    prompt_lens=[g["prompt_len"] for g in group],
-                    hidden=hidden[first[0] : last[0] + last[1]],
-                    shard=entry["file"],
-                )
-                group, size = [], 0
-            if s is not None:
-                group.append(s)
-                size += s["ids"][1]
+        for group in _sample_groups(entry["samples"], self.batch_tokens):
+            first, last = group[0]["rows"], group[-1]["rows"]
+            yield TeacherBatch(
+                teacher=entry["teacher"],
+                step=entry["step"],
+                sample_ids=[g["id"] for g in group],
+                domains=[g["domain"] for g in group],
+                input_ids=[ids[g["ids"][0] : g["ids"][0] + g["ids"][1]].long() for g in group],
+                prompt_lens=[g["prompt_len"] for g in group],
+                hidden=hidden[first[0] : last[0] + last[1]],
+                shard=entry["file"],
+            )
+
+
+def _sample_groups(samples: list[dict], batch_tokens: int) -> list[list[dict]]:
+    """A shard's samples in consecutive batches of at most `batch_tokens` tokens (at least one sample each)."""
+    out: list[list[dict]] = []
+    size = 0
+    for s in samples:
+        if not out or size + s["ids"][1] > batch_tokens:
+            out.append([])
+            size = 0
+        out[-1].append(s)
+        size += s["ids"][1]
+    return out
+
+
+def step_tokens(index: dict) -> dict[int, int]:
+    """Response tokens per optimizer step of a round's index."""
+    out: dict[int, int] = {}
+    for s in index["shards"]:
+        out[s["step"]] = out.get(s["step"], 0) + s["rows"]
+    return out
+
+
+def step_batches(index: dict, batch_tokens: int) -> dict[int, int]:
+    """How many batches `CacheReader(..., batch_tokens).batches(step)` yields, per step of a round's index."""
+    out: dict[int, int] = {}
+    for s in index["shards"]:
+        out[s["step"]] = out.get(s["step"], 0) + len(_sample_groups(s["samples"], batch_tokens))
+    return out
 
 
 def _digest(obj) -> str:

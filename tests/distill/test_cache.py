@@ -231,3 +231,18 @@ def test_next_shard_is_read_while_the_current_one_trains(tmp_path, monkeypatch):
     # the consumer still holds shard 0's first batch; shard 1 arrives in the background
     assert loaded.wait(timeout=10), "the next shard was not prefetched"
     list(it)
+
+
+def test_one_steps_batches_and_their_count_from_the_index(tmp_path):
+    """What the stage plans from a rank's index (tokens and batches per step) is what the reader yields."""
+    from distill.cache import step_batches, step_tokens
+
+    root = str(tmp_path / "cache")
+    _write(root, steps=3)
+    reader = CacheReader(root, 1, batch_tokens=20)
+    counts = step_batches(reader.index, 20)
+    for step in range(3):
+        got = list(reader.batches(step))
+        assert {b.step for b in got} == {step} and len(got) == counts[step]
+        assert sum(b.hidden.shape[0] for b in got) == step_tokens(reader.index)[step]
+        assert [b.teacher for b in got] == sorted(b.teacher for b in got)
