@@ -128,6 +128,12 @@ class WorkerGroup:
         for part in batch if isinstance(batch, list) else [batch]:
             for mine, mbs in zip(per_rank, rank_micro_batches(part, self.cfg.workers, micro_batch_size)[0]):
                 mine.extend(mbs)
+        return self.train_step_ranks(per_rank, objective, denominator, label)
+
+    def train_step_ranks(self, per_rank: list, objective: Objective, denominator: float,
+                         label: str | None = None) -> dict[str, float]:
+        """`train_step` where each rank brings its own micro-batches: `per_rank[i]` is rank i's sequence of
+        (micro_batch, real), the same length on every rank (e.g. a lazy stream of files that rank wrote)."""
         label = label or f"step {self.step + 1}"
         outs = self._call("train_step", per_rank=[(mbs, objective, denominator, label) for mbs in per_rank])
         sums: dict[str, float] = {}
