@@ -1,10 +1,12 @@
 """Stage `opd`: merge domain experts into one student by on-policy distillation (DeepSeek-V4 recipe).
 
 Each round: the student's weights go to the rollout workers (sync), which sample responses to
-prompts from every domain on HF or vLLM, the same rollout as GRPO's (generate); each teacher in
-turn encodes the samples of its domains and its last-layer states go to the cache (teacher_forward);
-the student then streams the cache teacher by teacher and minimises the per-token divergence to the
-teacher of each sample's domain, with one teacher LM head in memory at a time (train).
+prompts from every domain on HF or vLLM, the same rollout as GRPO's (generate); on every learner
+rank, each teacher in turn encodes that rank's share of the samples of its domains and its last-layer
+states go to the rank's own cache (teacher_forward); each rank then streams its own cache teacher by
+teacher and the group minimises the per-token divergence to the teacher of each sample's domain, with
+one teacher LM head in memory per rank at a time (train). A teacher may be an fsspec URL
+(`s3://bucket/expert`): it is copied to `<out_dir>/teachers/` for each round and deleted after it.
 
     opd:
       kind: opd
@@ -26,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Literal
@@ -33,11 +36,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.cache import CacheReader, CacheWriter, prune_rounds
-from distill.teacher import write_teacher_cache
-from distill.student import collate_teacher_batch, opd_objective, student_loader
+from distill.cache import step_batches, step_tokens
+from distill.student import RankStep, opd_objective, student_loader
+from distill.teacher import fetch_model, is_url, rank_prune, rank_root, rank_teacher_forward, split_groups
 from experts.data import DataConfig, load_samples
-from experts.models import load_model, load_tokenizer
+from experts.models import load_tokenizer
 from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
@@ -56,7 +59,9 @@ log = logging.getLogger(__name__)
 class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: ModelRef = Field(description="The expert checkpoint: a stage name or an HF checkpoint directory.")
+    model: ModelRef = Field(description="The expert checkpoint: a stage name, an HF checkpoint directory, or an "
+                                        "fsspec URL of one (s3://, gs://, hdfs://, file://...), copied under "
+                                        "<out_dir>/teachers for each round and deleted after it.")
     domains: list[str] = Field(min_length=1, description="Domains whose prompts this teacher answers for.")
     name: str | None = Field(None, description="Name in metrics and logs; defaults to `model`.")
 
@@ -98,11 +103,10 @@ class Config(StageConfig):
     cache_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of cached states.")
     shard_tokens: Tokens = Field(65536, description="Response tokens per cache shard (at most, roughly).")
     keep_rounds: int = Field(1, ge=0, le=1000, description="Finished rounds' caches to keep; 0 deletes each after training.")
-    device: str = Field("auto", description="Where the driver runs the teachers: "
-                                            "'auto' (cuda if available), 'cpu' or 'cuda'.")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest round checkpoints kept on disk.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Workers, sharding and dtype of the "
-                                   "student's trainer; each cache batch is split over the workers.")
+                                   "student's trainer; each worker also runs the teachers on its share of the "
+                                   "samples (one teacher at a time, on its device) and trains on what it cached.")
 
     @model_validator(mode="after")
     def _one_teacher_per_domain(self):
@@ -110,6 +114,9 @@ class Config(StageConfig):
         if ro.max_new_tokens > MAX_TOKENS or self.prompts_per_round * ro.group_size > MAX_BATCH:
             raise ValueError(f"rollout.max_new_tokens is at most {MAX_TOKENS} and prompts_per_round x "
                              f"rollout.group_size at most {MAX_BATCH}")
+        if is_url(self.student):
+            raise ValueError(f"student: {self.student!r}: fsspec URLs are for teachers; the student is a stage "
+                             "name or a local checkpoint directory")
         owner: dict[str, int] = {}
         for i, t in enumerate(self.teachers):
             for d in t.domains:
@@ -129,17 +136,22 @@ def run(cfg: Config, ctx: StageContext, local: bool = False) -> None:
     """Distil the teachers into the student for `cfg.rounds` rounds; resume from the last round checkpoint.
 
     The student trains as a learner group and samples on rollout workers (`local=True`: one rank
-    and one rollout worker in this process, for tests); the driver runs the teachers, one at a time.
+    and one rollout worker in this process, for tests); the teachers run on the learner ranks, one
+    at a time, each rank on its share of the samples.
     """
-    # ---- set-up: resolve models, check tokenizers, route prompts, resume
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    teacher_paths = [ctx.model_path(t.model) for t in cfg.teachers]
+    # ---- set-up: resolve models (of teachers in storage only the small files), check tokenizers, route, resume
+    remote = {i: t.model for i, t in enumerate(cfg.teachers) if is_url(t.model)}
+    teacher_paths = [ctx.out_dir / "teachers" / f"{i:03d}" if i in remote else ctx.model_path(t.model)
+                     for i, t in enumerate(cfg.teachers)]
     names = [t.name or t.model for t in cfg.teachers]
     route = {d: i for i, t in enumerate(cfg.teachers) for d in t.domains}
     student_path = ctx.model_path(cfg.student)
     tokenizer = load_tokenizer(student_path)
-    _check_same_tokenizer(tokenizer, student_path, teacher_paths)
+    try:
+        _fetch_teachers(remote, teacher_paths, weights=False)
+        _check_same_tokenizer(tokenizer, student_path, teacher_paths)
+    finally:
+        _drop_teachers(remote, teacher_paths)
     by_domain = _prompts_by_domain(cfg.data, route)
     domains = list(by_domain)
     cache_root = cfg.cache_url or str(ctx.out_dir / "cache")
@@ -160,20 +172,20 @@ def run(cfg: Config, ctx: StageContext, local: bool = False) -> None:
         if resume:
             truncate_metrics(ctx.out_dir, start - 1)
             log.info("opd: resuming after round %d from %s", start - 1, resume)
-        log.info("opd: %d teachers, %d domains, rounds %d..%d, cache %s", len(names), len(by_domain), start,
-                 cfg.rounds, cache_root)
+        log.info("opd: %d teachers (%d in storage), %d domains, rounds %d..%d, cache %s", len(names), len(remote),
+                 len(by_domain), start, cfg.rounds, cache_root)
         for r in range(start, cfg.rounds + 1):
-            _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, names, teacher_paths,
-                   cache_root, probe, device)
+            _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, names, teacher_paths, remote,
+                   cache_root, probe)
         group.save_hf(ctx.out_dir / MODEL_DIR, str(student_path))
     finally:
         stop_workers(workers)
         group.close()
 
 
-def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, names, teacher_paths, cache_root,
-           probe, device) -> None:
-    """One round: sync and sample, teacher forward into the cache, train on it, checkpoint."""
+def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, names, teacher_paths, remote,
+           cache_root, probe) -> None:
+    """One round: sync and sample, teacher forward into each rank's cache, train on it, checkpoint."""
     domains = list(by_domain)
     times: dict[str, float] = {}
     policy = f"{ctx.name} after round {r - 1}"  # the cache of this round is valid only for this student
@@ -184,45 +196,46 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
     with timer("generate", times):
         rollouts = [ro for ro in generate_on(workers, samples, step=r, episodes=False) if ro.response_ids]
 
-    with timer("teacher_forward", times):
-        groups: dict[tuple[int, int], list[Rollout]] = defaultdict(list)  # (teacher, step) -> rollouts
-        for i, ro in enumerate(rollouts):
-            groups[(route[ro.domain], i % cfg.steps_per_round)].append(ro)
-        teachers = [{"name": n, "path": str(p), "domains": list(t.domains)}  # the cache checks each sample's
-                    for n, p, t in zip(names, teacher_paths, cfg.teachers)]     # domain against its teacher
-        writer = CacheWriter(cache_root, r, teachers, policy=policy, dtype=getattr(torch, cfg.cache_dtype),
-                             shard_rows=cfg.shard_tokens)
-        write_teacher_cache(groups, teacher_paths, writer, tokenizer.pad_token_id, load_model,
-                            cfg.teacher_batch_size, device)
-        index = writer.close()
+    groups: dict[tuple[int, int], list[Rollout]] = defaultdict(list)  # (teacher, step) -> rollouts
+    for i, ro in enumerate(rollouts):
+        groups[(route[ro.domain], i % cfg.steps_per_round)].append(ro)
+    try:
+        with timer("fetch_teachers", times):  # teachers in storage, this round's only: dropped after it
+            _fetch_teachers({t: u for t, u in remote.items() if any(t == g for g, _ in groups)}, teacher_paths)
+        with timer("teacher_forward", times):  # every rank: its share, teacher after teacher, into its own cache
+            teachers = [{"name": n, "path": str(remote.get(i, p)), "domains": list(t.domains)}  # the cache checks
+                        for i, (n, p, t) in enumerate(zip(names, teacher_paths, cfg.teachers))]  # each sample's domain
+            indexes = group.apply(functools.partial(
+                rank_teacher_forward, shares=split_groups(groups, cfg.learner.workers),
+                teacher_paths=[str(p) for p in teacher_paths], cache_root=cache_root, round_id=r, teachers=teachers,
+                policy=policy, dtype=getattr(torch, cfg.cache_dtype), shard_rows=cfg.shard_tokens,
+                pad_id=tokenizer.pad_token_id, batch_size=cfg.teacher_batch_size))
 
-    with timer("train", times):
-        loads_before = group.apply(_head_loads)[0]
-        sums: dict[str, float] = defaultdict(float)  # divergence summed per domain / teacher, and counts
-        reader = CacheReader(cache_root, r, policy=policy, batch_tokens=cfg.batch_tokens)
-        step_tokens, parts, step = reader.step_tokens(), [], None
-        for batch in [*reader, None]:  # (step, teacher) order: each rank swaps heads once per teacher per step
-            if parts and (batch is None or batch.step != step):
-                out = group.train_step(parts, objective, denominator=step_tokens[step],
-                                       micro_batch_size=max(len(p["input_ids"]) for p in parts),
-                                       label=f"round {r} step {step + 1}")
+        with timer("train", times):  # every rank streams its own shards in (step, teacher) order
+            loads_before = group.apply(_head_loads)[0]
+            sums: dict[str, float] = defaultdict(float)  # divergence summed per domain / teacher, and counts
+            tokens = [step_tokens(ix) for ix in indexes]
+            passes = [step_batches(ix, cfg.batch_tokens) for ix in indexes]
+            for step in sorted(set().union(*tokens)):
+                n = max(p.get(step, 0) for p in passes)
+                per_rank = [RankStep(rank_root(cache_root, k), r, policy, cfg.batch_tokens, step, n,
+                                     tokenizer.pad_token_id, domains, _pad_teacher(indexes, step))
+                            for k in range(len(indexes))]
+                out = group.train_step_ranks(per_rank, objective, denominator=sum(t.get(step, 0) for t in tokens),
+                                             label=f"round {r} step {step + 1}")
                 for k, v in out.items():
                     sums[k] += v
-                parts = []
-            if batch is not None:
-                step = batch.step
-                parts.append(collate_teacher_batch(batch.input_ids, batch.prompt_lens, batch.hidden,
-                                                   batch.teacher, [domains.index(d) for d in batch.domains],
-                                                   tokenizer.pad_token_id))
-        loads = group.apply(_release_heads)[0]
+            loads = group.apply(_release_heads)[0]
+    finally:
+        _drop_teachers(remote, teacher_paths)
 
     # ---- end of round: checkpoint first, so a kill after it never repeats the round
     group.save(ctx.checkpoint_dir, r, cfg.keep_checkpoints)
-    prune_rounds(cache_root, cfg.keep_rounds)
+    group.apply(functools.partial(rank_prune, cache_root=cache_root, keep=cfg.keep_rounds))
     tokens = sum(v for k, v in sums.items() if k.startswith("count/domain/"))
     divergences = {k.removeprefix("sum/"): v / sums["count/" + k.removeprefix("sum/")]
                    for k, v in sums.items() if k.startswith("sum/")}
-    n_bytes = sum(s["bytes"] for s in index["shards"])
+    n_bytes = sum(s["bytes"] for ix in indexes for s in ix["shards"])
     loss = sum(v for k, v in sums.items() if k.startswith("sum/domain/")) / max(tokens, 1)
     ctx.log_metrics(r, {
         "round": r,
@@ -237,6 +250,29 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
         **times,
     })
     log.info("opd round %d: loss %.4f over %d tokens", r, loss, tokens)
+
+
+def _fetch_teachers(remote: dict[int, str], paths: list[Path], weights: bool = True) -> None:
+    for i, url in remote.items():
+        try:
+            fetch_model(url, paths[i], weights=weights)
+        except FileNotFoundError as e:
+            raise UserError(f"teachers.{i}.model: {e}") from None
+        log.info("teacher %d: fetched %s to %s%s", i, url, paths[i], "" if weights else " (config and tokenizer)")
+
+
+def _drop_teachers(remote: dict[int, str], paths: list[Path]) -> None:
+    for i in remote:
+        shutil.rmtree(paths[i], ignore_errors=True)
+
+
+def _pad_teacher(indexes: list[dict], step: int) -> tuple[int, int]:
+    """(teacher, hidden size) of the step's first shard on any rank: what a rank with no samples pads with."""
+    for ix in indexes:
+        for s in ix["shards"]:
+            if s["step"] == step:
+                return s["teacher"], ix["teachers"][s["teacher"]]["hidden_size"]
+    raise ValueError(f"no shard of step {step}")
 
 
 def _head_loads(model) -> int:

@@ -8,8 +8,12 @@ teacher heads (`HeadStore`: one resident at a time, read from the teachers' chec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 
+from distill.cache import CacheReader
 from distill.heads import HeadStore
 from distill.loss import distill_loss
 
@@ -89,3 +93,44 @@ def collate_teacher_batch(input_ids: list[torch.Tensor], prompt_lens: list[int],
     return {"input_ids": ids, "attention_mask": mask, "prompt_len": torch.tensor(prompt_lens),
             "teacher_hidden": th, "response_mask": rmask, "teacher": torch.full((b,), teacher),
             "domain": torch.tensor(domains)}
+
+
+@dataclass
+class RankStep:
+    """One rank's micro-batches of one optimizer step, streamed from the cache that rank wrote.
+
+    The driver hands each rank one of these (`WorkerGroup.train_step_ranks`); the rank reads its own
+    shards of the step in teacher order (each verified, the next prefetched), one cache batch per
+    micro-batch. Every rank must run `n` passes (FSDP's collectives), so a rank with fewer batches
+    repeats its last one as padding (same teacher: no extra head read); a rank with none in this step
+    pads with one dummy token of teacher `pad_teacher`.
+    """
+
+    root: str  # this rank's cache root
+    round_id: int
+    policy: str
+    batch_tokens: int
+    step: int
+    n: int  # passes every rank makes this step: the most batches any rank has
+    pad_id: int
+    domains: list[str]
+    pad_teacher: tuple[int, int]  # (teacher, its hidden size) for the dummy batch of a rank with no samples
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[Batch, bool]]:
+        last, k = None, 0
+        if self.n:
+            reader = CacheReader(self.root, self.round_id, policy=self.policy, batch_tokens=self.batch_tokens)
+            for b in reader.batches(self.step):
+                last = collate_teacher_batch(b.input_ids, b.prompt_lens, b.hidden, b.teacher,
+                                             [self.domains.index(d) for d in b.domains], self.pad_id)
+                k += 1
+                yield last, True
+        if last is None and k < self.n:
+            teacher, hidden = self.pad_teacher
+            last = collate_teacher_batch([torch.tensor([self.pad_id, self.pad_id])], [1], torch.zeros(1, hidden),
+                                         teacher, [0], self.pad_id)
+        for _ in range(self.n - k):
+            yield last, False

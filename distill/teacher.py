@@ -1,5 +1,10 @@
 """The teachers' half of a round: each teacher in turn encodes the student's samples into the cache.
 
+The forward is spread over the student's learner ranks: each rank encodes its share of every
+teacher's samples, teacher after teacher (one teacher model beside its student shard at a time),
+into a cache of its own, which the same rank then trains on. Teachers may live in remote storage
+(any fsspec URL); the stage copies them to a local directory for the round.
+
 The student's half (sampling) is the one rollout (`rollout.worker`), on HF or vLLM like GRPO's.
 """
 
@@ -7,16 +12,71 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
+import fsspec
 import torch
 
-from distill.cache import CacheWriter
+from distill.cache import CacheWriter, prune_rounds
 from distill.loss import distill_loss
+from experts.models import load_model
+from learner.batching import split_by_tokens
 from rollout.types import Rollout
 
 log = logging.getLogger(__name__)
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")  # what `fetch_model(weights=False)` leaves behind
+
+
+def is_url(ref: str) -> bool:
+    """A model reference with a scheme (`s3://b/m`, `gs://...`, `file:///x`, `memory://x`): fetched, not opened."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", ref) is not None
+
+
+def fetch_model(url: str, dest: Path, weights: bool = True) -> Path:
+    """Copy the checkpoint directory at fsspec `url` to `dest` (replacing it) and return `dest`.
+
+    `weights=False` copies only the small files (config, tokenizer): enough to check a tokenizer
+    without pulling gigabytes. The copy is made beside `dest` and renamed into place.
+    """
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    files = [f for f in fs.find(root) if f.startswith(root + "/")]
+    if not files:
+        raise FileNotFoundError(f"{url}: no files there (expected a Hugging Face checkpoint directory)")
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in files:
+        rel = f[len(root) + 1 :]
+        if not weights and rel.endswith(WEIGHT_FILES):
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f, str(tmp / rel))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def rank_root(cache_root: str, rank: int) -> str:
+    """Where rank `rank` writes (and later reads) its share of every round's cache."""
+    return f"{cache_root.rstrip('/')}/rank_{rank:05d}"
+
+
+def split_groups(groups: dict[tuple[int, int], list[Rollout]], world: int) -> list[dict[tuple[int, int], list[Rollout]]]:
+    """Each (teacher, step) group's rollouts split over `world` ranks, balanced by tokens: every rank
+    gets a share of every group, so each writes shards of every teacher and trains on every domain."""
+    out: list[dict] = [{} for _ in range(world)]
+    for key, rollouts in groups.items():
+        tokens = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+        for rank, rows in enumerate(split_by_tokens(tokens, world)):
+            if rows:
+                out[rank][key] = [rollouts[i] for i in rows]
+    return out
 
 
 def response_hidden(model, input_ids: list[torch.Tensor], prompt_lens: list[int], pad_id: int) -> torch.Tensor:
@@ -96,3 +156,29 @@ def on_policy_kl(student, teacher, tokenizer, samples: list[dict], max_new_token
     out = distill_loss(hs, student.get_output_embeddings().weight, ht, teacher.get_output_embeddings().weight,
                        divergence=divergence)
     return out.loss.item()
+
+
+def rank_teacher_forward(student, shares: list[dict[tuple[int, int], list[Rollout]]], teacher_paths: list[str],
+                         cache_root: str, round_id: int, teachers: list[dict], policy: str, dtype: torch.dtype,
+                         shard_rows: int, pad_id: int, batch_size: int) -> dict:
+    """On one learner rank (`WorkerGroup.apply`): encode this rank's share with each teacher in turn,
+    on the rank's device, into this rank's cache; returns the round's index (what the rank wrote).
+
+    `student` is the rank's model, used only for its device; the teachers never touch it.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = next(student.parameters()).device
+    writer = CacheWriter(rank_root(cache_root, rank), round_id, teachers, policy=policy, dtype=dtype,
+                         shard_rows=shard_rows)
+    write_teacher_cache(shares[rank], [Path(p) for p in teacher_paths], writer, pad_id, load_model, batch_size,
+                        device)
+    return writer.close()
+
+
+def rank_prune(_student, cache_root: str, keep: int) -> list[int]:
+    """On one learner rank: keep only the newest `keep` rounds of this rank's cache."""
+    import torch.distributed as dist
+
+    return prune_rounds(rank_root(cache_root, dist.get_rank() if dist.is_initialized() else 0), keep)

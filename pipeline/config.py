@@ -393,6 +393,8 @@ def _check_ref(where, dotted, ref: Ref, value: str, stage: str, needs, all_stage
         if value not in needs:
             raise UserError(f"{where}: {dotted}: uses stage {value!r}, so add it to stages.{stage}.needs")
         return
+    if ref.what == "model" and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        return  # an fsspec URL (s3://, gs://, file://, ...): the stage that reads it fetches it, not validation
     p = Path(value)
     if not p.exists():
         what = "a stage name or an existing checkpoint directory" if ref.what == "model" else "an existing file"
