@@ -297,7 +297,8 @@ def test_run_time_data_error_is_one_line_naming_the_stage_file_and_line(tmp_path
     f.write_text(f"name: d\nstages:\n  sft: {{kind: sft, config: {{model: {tiny_base}, "
                  f"data: {{source: jsonl, path: {data}, heldout: 0}}, steps: 2}}}}\n")
     msg = one_line_error(cli("run", f, "--runs-dir", tmp_path / "runs"))
-    assert msg == f"error: stage 'sft' (sft): {data}:2: expected a JSON object with 'messages' or 'prompt', got a number"
+    log = tmp_path / "runs" / "d" / "sft" / "stage.log"
+    assert msg == f"error: stage 'sft' (sft): {data}:2: expected a JSON object with 'messages' or 'prompt', got a number; log: {log}"
     assert not (tmp_path / "runs" / "d" / "sft" / "DONE.json").exists()
 
 
