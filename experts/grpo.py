@@ -52,6 +52,7 @@ from rollout.sync import sync_weights
 from rollout.turns import render_prompt
 from rollout.types import Rollout
 from rollout.worker import generate_on, start_workers, stop_workers
+from sandbox.service import service_metrics
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +377,7 @@ def _train(cfg: Config, ctx: StageContext, learner: GRPOLearner, workers: list, 
             m.update(sync_weights(learner.group, workers, probe, ro.sync_bucket_mb))
         if any(r.episode for r in rollouts):
             m["agent/turns_mean"] = sum(r.turns for r in rollouts) / len(rollouts)
+        m.update(service_metrics())  # the nodes' sandbox services, when the workflow runs them
         ctx.log_metrics(step + 1, {**m, **times})
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m.get('kl', 0):.3f}", len=f"{m['response/length_mean']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:

@@ -27,6 +27,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sandbox.service import ServiceConfig
+
 
 class UserError(Exception):
     """A mistake in the user's input. The CLI prints it as one line, without a traceback."""
@@ -156,6 +158,8 @@ class WorkflowSpec(BaseModel):
                                   "(not first).")
     seed: int = Field(0, ge=0, lt=1 << 32, description="Base seed; each stage derives its own from it.")
     stages: dict[str, StageSpec] = Field(description="Stages by name (same rule as `name`), in any order.")
+    sandbox: ServiceConfig | None = Field(None, description="One sandbox service per node, shared by every stage "
+                                          "(code rewards, agent rollouts, eval); none: each user starts its own pool.")
 
     @field_validator("name")
     @classmethod
@@ -180,6 +184,7 @@ class Workflow:
     name: str
     seed: int
     stages: dict[str, Stage]  # in dependency order
+    sandbox: ServiceConfig | None = None
 
 
 def load_workflow(path: str | Path) -> Workflow:
@@ -218,7 +223,7 @@ def load_workflow(path: str | Path) -> Workflow:
         stages[name] = Stage(name, st.kind, tuple(st.needs), cfg)
 
     order = _topo_order(stages, where)
-    return Workflow(path, spec.name, spec.seed, {n: stages[n] for n in order})
+    return Workflow(path, spec.name, spec.seed, {n: stages[n] for n in order}, spec.sandbox)
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -159,24 +159,52 @@ def run_workflow(
                 if only and not is_done(wf.stages[dep], dirs[dep]):
                     raise UserError(f"stage {name!r} needs {dep!r}, which has not finished; run it first")
         init_ray(address)
-        status = {}
-        for name in todo:
-            if force and dirs[name].exists():
-                shutil.rmtree(inside(dirs[name], top))
-            if is_done(wf.stages[name], dirs[name]):
-                log.info("stage %s: finished earlier, skipping (use --force to redo)", name)
-                status[name] = "skipped"
+        return _run(wf, dirs, top, todo, only, force, max_parallel)
+
+
+@contextmanager
+def sandbox_services(wf: Workflow) -> Iterator[None]:
+    """With a `sandbox:` block: one sandbox service per node for the run, stopped after it.
+
+    A stage job of `pipeline submit` (PIPELINE_LOCK_HELD set) finds or starts them and leaves them
+    running for the other jobs; the submitting driver stops them at the end.
+    """
+    if wf.sandbox is None:
+        yield
+        return
+    from sandbox.service import start_services, stop_services
+
+    start_services(wf.sandbox)
+    try:
+        yield
+    finally:
+        if os.environ.get(LOCK_HELD_ENV) is None:
+            stop_services()
+
+
+def _run(wf: Workflow, dirs: dict[str, Path], top: Path, todo: list[str], only: str | None, force: bool,
+         max_parallel: int | None) -> dict[str, str]:
+    """Skip finished stages (removing them first with --force), then run the rest."""
+    status = {}
+    for name in todo:
+        if force and dirs[name].exists():
+            shutil.rmtree(inside(dirs[name], top))
+        if is_done(wf.stages[name], dirs[name]):
+            log.info("stage %s: finished earlier, skipping (use --force to redo)", name)
+            status[name] = "skipped"
+    left = [n for n in todo if n not in status]
+    if not left:
+        return status
+    with sandbox_services(wf):
         if only:
-            if not status:
-                run_stage(wf, wf.stages[only], dirs)
+            run_stage(wf, wf.stages[only], dirs)
         else:
             import ray
 
             capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-            left = [n for n in todo if n not in status]
             run_graph(wf, left, set(status), StageTasks(wf, dirs), lambda n: resources(wf.stages[n]), capacity,
                       max_parallel)
-        return {n: status.get(n, "ran") for n in todo}
+    return {n: status.get(n, "ran") for n in todo}
 
 
 class StageTasks:

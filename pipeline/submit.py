@@ -72,7 +72,15 @@ def _submit_stages(wf: Workflow, address: str, runs_dir: Path, only: str | None,
                      env, poll_s, out)
     if only:  # its needs were checked by the job's own `pipeline run --stage`
         finished |= set(wf.stages[only].needs)
-    run_graph(wf, todo, finished, jobs, lambda n: resources(wf.stages[n]), cluster_capacity(address), max_parallel)
+    try:
+        run_graph(wf, todo, finished, jobs, lambda n: resources(wf.stages[n]), cluster_capacity(address),
+                  max_parallel)
+    finally:
+        if wf.sandbox is not None and todo:  # the stage jobs started one sandbox service per node: stop them
+            job_id = submit_when_ready(client, entrypoint="python -m sandbox stop-services", runtime_env=env,
+                                       submission_id=f"{wf.name}-stop-sandboxes-{int(time.time() * 1000)}")
+            jobs.jobs["stop-sandboxes"] = [job_id, 0]
+            jobs.wait_one()
 
 
 def cluster_capacity(address: str) -> dict[str, float]:
@@ -119,11 +127,12 @@ class StageJobs:
     def _error(self, name: str, job_id: str, status: str, logs: str) -> Exception:
         """The stage's own one-line error (the job's last `error:` line) when it printed one, naming its log."""
         said = [ln.removeprefix("error: ") for ln in logs.splitlines() if ln.startswith("error: ")]
-        where = f"log: {self.dirs[name] / 'stage.log'}; `ray job logs {job_id}`"
+        where = (f"log: {self.dirs[name] / 'stage.log'}; " if name in self.dirs else "") + f"`ray job logs {job_id}`"
         if said:
             code = getattr(self.client.get_job_info(job_id), "driver_exit_code", None)
             return (UserError if code == 2 else StageFailed)(f"{said[-1]}; {where}")
-        return StageFailed(f"stage {name!r} ({self.wf.stages[name].kind}): job {job_id} ended {status}; {where}")
+        what = f"stage {name!r} ({self.wf.stages[name].kind})" if name in self.wf.stages else name
+        return StageFailed(f"{what}: job {job_id} ended {status}; {where}")
 
 
 def submit_when_ready(client, timeout_s: float = 300.0, **job) -> str:

@@ -60,10 +60,10 @@ class AgentReward:
         self.pool, self._owns_pool, self.pool_size = pool, pool is None, pool_size
 
     def _pool(self):
-        if self.pool is None:
-            from sandbox import SandboxPool
+        if self.pool is None:  # this node's sandbox service, else a private pool
+            from sandbox.service import node_pool
 
-            self.pool = SandboxPool(size=self.pool_size)
+            self.pool, self._owns_pool = node_pool(self.pool_size)
         return self.pool
 
     def score_one(self, sample: Sample) -> RewardResult:

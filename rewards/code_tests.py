@@ -93,8 +93,9 @@ def score_run(result: Any, nonce: str, n_tests: int, mode: str) -> RewardResult:
 class CodeReward:
     """Pass rate of the completion's code on `meta["tests"]`, run concurrently in a sandbox pool.
 
-    Pass `pool` to share one (`sandbox.SandboxPool`); otherwise one of `pool_size` containers is
-    started on first use and closed with `close()`.
+    Pass `pool` to share one (`sandbox.SandboxPool`); otherwise the node's sandbox service is used
+    (`sandbox.service`), or where none runs one of `pool_size` containers is started on first use
+    and closed with `close()`.
     """
 
     name = "code"
@@ -108,10 +109,10 @@ class CodeReward:
         self.pool_size, self.image = pool_size, image
 
     def _pool(self):
-        if self.pool is None:
-            from sandbox import DEFAULT_IMAGE, SandboxPool
+        if self.pool is None:  # this node's sandbox service, else a private pool
+            from sandbox.service import node_pool
 
-            self.pool = SandboxPool(size=self.pool_size, image=self.image or DEFAULT_IMAGE)
+            self.pool, self._owns_pool = node_pool(self.pool_size, self.image)
         return self.pool
 
     def score_one(self, sample: Sample) -> RewardResult:

@@ -41,7 +41,7 @@ class RolloutWorker:
         self.cfg, self.agent, self.seed = cfg, agent or AgentConfig(), seed
         self.tokenizer = load_tokenizer(model_path)
         self.backend = make_backend(model_path, cfg, seed)
-        self._pool = None  # sandbox pool, started on the first agent prompt
+        self._pool, self._owns_pool = None, False  # sandbox pool, found or started on the first agent prompt
 
     def generate(self, samples: list[dict], first_group: int = 0, step: int = 0, episodes: bool = True) -> list[Rollout]:
         """G rollouts per sample, grouped: rollouts [g*G, (g+1)*G) answer samples[g].
@@ -66,10 +66,11 @@ class RolloutWorker:
         return sorted(out, key=lambda r: r.group)
 
     def sandbox_pool(self):
+        """This node's sandbox service, else (no `sandbox:` block) a private pool of `agent.sandboxes`."""
         if self._pool is None:
-            from sandbox import SandboxPool
+            from sandbox.service import node_pool
 
-            self._pool = SandboxPool(size=self.agent.sandboxes)
+            self._pool, self._owns_pool = node_pool(self.agent.sandboxes)
         return self._pool
 
     def load_bucket(self, weights: dict[str, torch.Tensor] | Any) -> int:
@@ -88,9 +89,9 @@ class RolloutWorker:
         return self.cfg.sync_tolerance or self.backend.default_tolerance
 
     def close(self) -> None:
-        if self._pool is not None:
+        if self._pool is not None and self._owns_pool:
             self._pool.close()
-            self._pool = None
+        self._pool = None
         if hasattr(self.backend, "close"):
             self.backend.close()
 

@@ -116,6 +116,16 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_stop_services(args) -> int:
+    import ray
+
+    from sandbox.service import stop_services
+
+    ray.init(address=args.address or None, log_to_driver=False)
+    print(f"stopped {stop_services()} sandbox service(s)")
+    return 0
+
+
 def _read(path: str) -> str:
     try:
         return Path(path).read_text()
@@ -164,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gc", help="remove sandbox containers whose pool died")
     g.add_argument("--all", action="store_true", help="remove every sandbox container, live pools' too")
     g.set_defaults(fn=cmd_gc)
+    st = sub.add_parser("stop-services", help="stop every node's sandbox service of the Ray cluster (pipeline submit's last job)")
+    st.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, as inside a Ray job)")
+    st.set_defaults(fn=cmd_stop_services)
     return p
 
 

@@ -43,11 +43,27 @@ class SandboxActor:
         self.pool.close_session(sid)
 
     def info(self) -> dict:
+        """Size, image, containers, counters, live sessions, checkout queue wait p50/p99 (ms), restarts."""
+        waits = sorted(self.pool.waits)
+        pct = lambda q: round(1000 * waits[min(len(waits) - 1, int(q * len(waits)))], 3) if waits else 0.0  # noqa: E731
         return {"size": self.pool.size, "image": self.pool.image, "containers": self.pool.containers(),
-                "stats": dict(self.pool.stats)}
+                "stats": dict(self.pool.stats), "live_sessions": self.pool.live_sessions,
+                "wait_p50_ms": pct(0.5), "wait_p99_ms": pct(0.99), "restarts": restarts(),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def close(self) -> None:
         self.pool.close()
+
+
+def restarts() -> int:
+    """How many times Ray has restarted this actor (0 outside an actor, or when Ray cannot say)."""
+    ctx = ray.get_runtime_context()
+    try:
+        from ray.util.state import get_actor
+
+        return int(get_actor(ctx.get_actor_id()).num_restarts)
+    except Exception:  # no dashboard (an embedded Ray): at least whether it was restarted
+        return int(bool(ctx.was_current_actor_reconstructed))
 
 
 def serve_pool(
@@ -78,6 +94,11 @@ class RemotePool:
         self.actors = actors if isinstance(actors, list) else [actors]
         self._next = itertools.cycle(self.actors)
         self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        """Containers the served pools keep, together."""
+        return sum(info["size"] for info in ray.get([a.info.remote() for a in self.actors]))
 
     def _pick(self) -> ray.actor.ActorHandle:
         with self._lock:

@@ -129,6 +129,7 @@ class SandboxPool:
         self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max(32, 4 * size), "sandbox-async")
         self.stats = collections.Counter()
+        self.waits: collections.deque[float] = collections.deque(maxlen=4096)  # seconds each checkout queued
         self._stop = threading.Event()
         threading.Thread(target=self._expire_loop, name="sandbox-lease", daemon=True).start()
         self._finalizer = weakref.finalize(self, SandboxPool._destroy_all, self._lock, self._idle, self._sessions)
@@ -251,6 +252,11 @@ class SandboxPool:
             time.sleep(0.02)
         return False
 
+    @property
+    def live_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
     def containers(self) -> list[str]:
         """Names of the containers that exist for this pool, as the daemon sees them."""
         return [c["name"] for c in listed(self.client, f"{LABEL}.pool={self.pool_id}")]
@@ -324,11 +330,13 @@ class SandboxPool:
     def _checkout(self) -> Box:
         if self._closed:
             raise SandboxError("pool is closed")
+        queued = time.monotonic()
         with self._lock:
             waiter = _Waiter()
             self._waiters.append(waiter)
             self._dispatch()
         waiter.event.wait()
+        self.waits.append(time.monotonic() - queued)
         if waiter.box is not None:
             return waiter.box
         try:

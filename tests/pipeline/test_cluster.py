@@ -167,3 +167,76 @@ def test_a_failed_stage_starts_nothing_new_and_lets_the_running_one_finish(tmp_p
     assert "Traceback" in (top / "sft_b" / "stage.log").read_text()  # the whole story is in the stage's log
     assert (top / "sft_a" / "DONE.json").exists()  # started beside sft_b, and finished
     assert not (top / "sft_b" / "DONE.json").exists() and not (top / "eval").exists()
+
+
+SERVICES = """
+import json, subprocess, sys
+import ray
+from sandbox.service import ServiceConfig, node_pool, service_metrics, start_services, stop_services
+
+ray.init(sys.argv[1])
+actors = start_services(ServiceConfig(size=1))
+
+@ray.remote(num_cpus=0)
+def on(node):
+    pool, owned = node_pool(size=3)  # a worker's view: its own node's service, not a private pool
+    info = ray.get(pool.actors[0].info.remote())
+    with pool.session() as s:
+        s.write_file("x.txt", "kept")
+        out = s.exec("cat x.txt").stdout
+    return {"owned": owned, "service_node": info["node"], "task_node": ray.get_runtime_context().get_node_id(),
+            "run": pool.run("print(6 * 7)").stdout.strip(), "session": out, "containers": info["containers"]}
+
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+seen = ray.get([on.options(scheduling_strategy=On(n, soft=False)).remote(n) for n in actors])
+metrics = service_metrics()
+stopped = stop_services()
+names = [c for r in seen for c in r["containers"]]
+left = subprocess.run(["docker", "ps", "-aq", *[f"--filter=name={n}" for n in names]], capture_output=True, text=True).stdout.split()
+print(json.dumps({"seen": seen, "metrics": metrics, "stopped": stopped, "left": left}))
+"""
+
+
+def test_each_node_serves_its_own_sandboxes_and_stopping_leaves_no_container(two_node_cluster):
+    _, gcs, env = two_node_cluster
+    r = subprocess.run([sys.executable, "-c", SERVICES, gcs], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["seen"]) == 2 and out["stopped"] == 2
+    for s in out["seen"]:
+        assert not s["owned"] and s["service_node"] == s["task_node"]  # the caller's own node's service
+        assert s["run"] == "42" and s["session"] == "kept"
+    assert {s["service_node"] for s in out["seen"]} == {s["task_node"] for s in out["seen"]}  # two nodes, two services
+    assert out["metrics"]["sandbox/live_sessions"] == 0 and out["metrics"]["sandbox/restarts"] == 0
+    assert out["left"] == []  # every service's containers destroyed with it
+
+
+def test_a_workflow_with_a_sandbox_block_runs_its_agent_eval_on_the_node_service(tmp_path):
+    agent = '{domain: agent, source: generator, task: "experts.tasks:agent_samples", size: 40, heldout: 4, task_args: {system: "Use tools."}}'
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(f"""
+name: served
+sandbox: {{size: 2, limits: {{memory_mb: 256}}}}
+stages:
+  base:
+    kind: base_model
+    config: {{tokenizer_data: [{agent}], vocab_size: 400,
+              model: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}}}
+  eval:
+    kind: eval
+    needs: [base]
+    config: {{models: [base], data: [{agent}], limit: 4, max_new_tokens: 8}}
+""")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(wf), "--runs-dir", str(tmp_path / "runs")],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "sandbox services: 1 node(s), 2 container(s) each" in r.stderr
+    scores = json.loads((tmp_path / "runs" / "served" / "eval" / "eval.json").read_text())["scores"]
+    assert set(scores["agent"]) == {"base"}
+
+    bad = wf.read_text().replace("memory_mb: 256", "memory_mb: 1")
+    wf.write_text(bad)
+    r = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(wf)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "sandbox.limits.memory_mb" in r.stderr and "Traceback" not in r.stderr
