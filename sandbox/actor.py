@@ -12,7 +12,11 @@ Trajectory files named in `session(trajectory=...)` are written on the actor's n
 from __future__ import annotations
 
 import itertools
+import logging
+import tempfile
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,8 @@ from sandbox.container import Limits, Result
 from sandbox.image import DEFAULT_IMAGE
 from sandbox.pool import SandboxPool
 
+log = logging.getLogger(__name__)
+
 
 class SandboxActor:
     """Ray actor body: one `SandboxPool` on the actor's node."""
@@ -29,6 +35,10 @@ class SandboxActor:
     def __init__(self, size: int, image: str, limits: dict | None, max_starting: int, session_ttl_s: float):
         self.pool = SandboxPool(size, image, Limits(**(limits or {})), max_starting=max_starting,
                                 session_ttl_s=session_ttl_s)
+        # Logs of resumable sessions, on this node, where a restarted actor finds them.
+        self.scratch = Path(tempfile.gettempdir()) / "opd-sandbox-trajectories"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.scratch_of: dict[str, Path] = {}  # session id -> its log, removed when the session closes
 
     def run(self, code: str | None = None, **kwargs: Any) -> dict:
         return self.pool.run(code, **kwargs).to_dict()
@@ -36,11 +46,28 @@ class SandboxActor:
     def open_session(self, trajectory: str | None = None, ttl_s: float | None = None) -> str:
         return self.pool.open_session(trajectory, ttl_s)
 
+    def open_resumable(self, ttl_s: float | None = None) -> tuple[str, str]:
+        """A session logged to a scratch trajectory, so it survives this actor's restart: (id, log path)."""
+        path = self.scratch / f"{uuid.uuid4().hex}.jsonl"
+        sid = self.pool.open_session(path, ttl_s)
+        self.scratch_of[sid] = path
+        return sid, str(path)
+
+    def rebuild_session(self, trajectory: str, ttl_s: float | None = None) -> str:
+        """After a restart: the session of `trajectory` in a fresh container, its state re-made; the new id."""
+        sid = self.pool.rebuild_session(trajectory, ttl_s)
+        if Path(trajectory).parent == self.scratch:
+            self.scratch_of[sid] = Path(trajectory)
+        return sid
+
     def session_call(self, sid: str, op: str, args: dict) -> Any:
         return self.pool.session_call(sid, op, **args)
 
     def close_session(self, sid: str) -> None:
         self.pool.close_session(sid)
+        path = self.scratch_of.pop(sid, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def info(self) -> dict:
         """Size, image, containers, counters, live sessions, checkout queue wait p50/p99 (ms), restarts."""
@@ -112,20 +139,51 @@ class RemotePool:
 
     def session(self, trajectory: str | Path | None = None, ttl_s: float | None = None,
                 actor: ray.actor.ActorHandle | None = None) -> RemoteSession:
-        """Open (or, with an existing trajectory file, resume) a session; resume on the same `actor`."""
+        """Open (or, with an existing trajectory file, resume) a session; resume on the same `actor`.
+
+        Without `trajectory` the actor logs the session to a scratch file of its own, so that if the
+        actor dies and Ray restarts it, the session is rebuilt there and the caller goes on.
+        """
         actor = actor or self._pick()
-        sid = ray.get(actor.open_session.remote(None if trajectory is None else str(trajectory), ttl_s))
-        return RemoteSession(actor, sid)
+        if trajectory is None:
+            sid, log_path = ray.get(actor.open_resumable.remote(ttl_s))
+            return RemoteSession(actor, sid, log_path)
+        sid = ray.get(actor.open_session.remote(str(trajectory), ttl_s))
+        return RemoteSession(actor, sid, str(trajectory))
 
 
 class RemoteSession:
     """`Session` over Ray: the container stays with the actor, so a dead worker can resume it."""
 
-    def __init__(self, actor: ray.actor.ActorHandle, sid: str):
-        self.actor, self.id = actor, sid
+    def __init__(self, actor: ray.actor.ActorHandle, sid: str, trajectory: str | None = None):
+        self.actor, self.id, self.trajectory = actor, sid, trajectory
 
     def _call(self, op: str, **args: Any) -> Any:
-        return ray.get(self.actor.session_call.remote(self.id, op, args))
+        try:
+            return ray.get(self.actor.session_call.remote(self.id, op, args))
+        except ray.exceptions.RayActorError as e:
+            if self.trajectory is None:
+                raise
+            self._rebuild(e)
+            return ray.get(self.actor.session_call.remote(self.id, op, args))
+
+    def _rebuild(self, error: Exception, timeout_s: float = 120.0) -> None:
+        """The actor died mid-episode: once Ray has restarted it, rebuild the session from its log.
+
+        A call in flight when the actor died was not logged, so it is sent again; one that was
+        logged but whose reply was lost would run twice (a window of one log write).
+        """
+        log.warning("sandbox service died during session %s (%s); rebuilding it from %s", self.id,
+                    str(error).splitlines()[0], self.trajectory)
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.id = ray.get(self.actor.rebuild_session.remote(self.trajectory))
+                return
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(1.0)
 
     def exec(self, cmd: str | list[str], *, stdin: str | None = None, timeout: float | None = None) -> Result:
         return Result(**self._call("exec", cmd=cmd, stdin=stdin, timeout=timeout))
@@ -143,7 +201,10 @@ class RemoteSession:
         return self._call("read_file", path=path, max_bytes=max_bytes)
 
     def close(self) -> None:
-        ray.get(self.actor.close_session.remote(self.id))
+        try:
+            ray.get(self.actor.close_session.remote(self.id))
+        except ray.exceptions.RayActorError:  # the actor died: its restart reaps the container
+            pass
 
     def __enter__(self) -> RemoteSession:
         return self

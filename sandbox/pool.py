@@ -209,6 +209,33 @@ class SandboxPool:
             self._sessions[sid] = _Lease(box, traj, ttl_s)
         return sid
 
+    def rebuild_session(self, trajectory: str | Path, ttl_s: float | None = None) -> str:
+        """A session whose container is gone (its pool died and was restarted): a fresh container,
+        the trajectory's state-changing calls (exec, write_file) run again in order, then a new id.
+
+        The caller has already seen those calls' results, so nothing is answered from the log; it
+        goes on with its next call. Exact when the logged commands are deterministic, as a task's are.
+        """
+        traj = Trajectory(Path(trajectory))
+        if traj.session_id is None or traj.closed:
+            raise SandboxError(f"{trajectory}: no open session to rebuild")
+        box = self._checkout()
+        try:
+            for rec in traj.replay:
+                if rec["op"] in ("exec", "write_file"):
+                    self._do(box, rec["op"], dict(rec["args"]))
+        except BaseException:
+            box.dead = True
+            self._checkin(box)
+            raise
+        traj.skip_replay()
+        sid = uuid.uuid4().hex[:12]
+        traj.restart(sid)
+        with self._lock:
+            self._sessions[sid] = _Lease(box, traj, self.session_ttl_s if ttl_s is None else ttl_s)
+        log.info("rebuilt session %s from %s: %d call(s) re-run", sid, trajectory, len(traj.replay))
+        return sid
+
     def session_call(self, sid: str, op: str, **args: Any) -> Any:
         """One session operation: exec (cmd|code, stdin, timeout), check (cmd, files, timeout),
         write_file, read_file.

@@ -8,8 +8,10 @@ build a private pool, as before. Services live in their own Ray namespace, so ev
 (a Ray task of `pipeline run`, or a job of `pipeline submit`) finds the same ones.
 
 Ray restarts a service that dies (`max_restarts`); the new one reaps the containers the dead one
-left (their owner pid is gone) and warms a fresh pool. Sessions that were open on it are lost:
-their callers get an error naming the session.
+left (their owner pid is gone) and warms a fresh pool. A session open on it is not lost: every
+service session logs its calls to a trajectory file on the node, and the client
+(`sandbox.actor.RemoteSession`) rebuilds it in a fresh container by re-running the logged calls,
+then goes on with the call that failed.
 """
 
 from __future__ import annotations

@@ -55,6 +55,15 @@ class Trajectory:
         self.path.write_text("")
         self._write({"type": "session", "session_id": session_id, "image": image, "time": time.time()})
 
+    def restart(self, session_id: str) -> None:
+        """The same episode continues in a new session (rebuilt after its pool died); the log goes on."""
+        self.session_id = session_id
+        self._write({"type": "session", "session_id": session_id, "rebuilt": True, "time": time.time()})
+
+    def skip_replay(self) -> None:
+        """Mark every logged call as already seen by the caller: new calls are executed and appended."""
+        self._next = len(self.replay)
+
     def has_replay(self) -> bool:
         return self._next < len(self.replay)
 
