@@ -45,7 +45,8 @@ from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metr
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
 from learner.optim import Optim
-from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens, UserError
+from pipeline.config import (MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps,
+                             StorageModelRef, Tokens, UserError)
 from pipeline.context import MODEL_DIR, StageContext, timer
 from rollout.config import RolloutConfig
 from rollout.sync import sync_weights
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: ModelRef = Field(description="The expert checkpoint: a stage name, an HF checkpoint directory, or an "
+    model: StorageModelRef = Field(description="The expert checkpoint: a stage name, an HF checkpoint directory, or an "
                                         "fsspec URL of one (s3://, gs://, hdfs://, file://...), copied under "
                                         "<out_dir>/teachers for each round and deleted after it.")
     domains: list[str] = Field(min_length=1, description="Domains whose prompts this teacher answers for.")

@@ -38,7 +38,8 @@ class UserError(Exception):
 # OPD's sampling fields into `rollout:` (rollout.config.RolloutConfig).
 MOVED = {"threads": "learner.threads", "num_cpus": "learner.cpus_per_worker", "num_gpus": "learner.gpus_per_worker",
          "precision": "learner.dtype' or 'learner.mixed_precision", "max_new_tokens": "rollout.max_new_tokens",
-         "temperature": "rollout.temperature", "top_p": "rollout.top_p", "generate_batch_size": "rollout.batch_size"}
+         "temperature": "rollout.temperature", "top_p": "rollout.top_p", "generate_batch_size": "rollout.batch_size",
+         "device": "learner.gpus_per_worker"}
 
 
 class StageFailed(RuntimeError):
@@ -109,9 +110,11 @@ class Ref:
     """Marks a string field as a reference to a stage's output or to a local path."""
 
     what: str  # "model": a stage's model/ or an HF checkpoint dir; "path": a file or dir
+    urls: bool = False  # also an fsspec URL (s3://, gs://, ...), fetched by the stage that reads it
 
 
 ModelRef = Annotated[str, Ref("model")]
+StorageModelRef = Annotated[str, Ref("model", urls=True)]  # a model that may live in object storage
 PathRef = Annotated[str, Ref("path")]
 
 
@@ -398,7 +401,7 @@ def _check_ref(where, dotted, ref: Ref, value: str, stage: str, needs, all_stage
         if value not in needs:
             raise UserError(f"{where}: {dotted}: uses stage {value!r}, so add it to stages.{stage}.needs")
         return
-    if ref.what == "model" and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+    if ref.urls and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
         return  # an fsspec URL (s3://, gs://, file://, ...): the stage that reads it fetches it, not validation
     p = Path(value)
     if not p.exists():

@@ -85,7 +85,7 @@ def test_a_spread_learner_with_more_workers_than_nodes_fails_at_once(two_node_cl
     assert r.returncode == 2, (r.stdout + r.stderr)[-4000:]
     assert r.stderr.strip().splitlines()[-1] == (
         "error: stage 'grpo' (grpo): grpo learner: learner placement 'spread' puts one worker per node: "
-        "3 workers, but the cluster has 2 node(s)")
+        f"3 workers, but the cluster has 2 node(s); log: {tmp_path / 'runs' / 'spread' / 'grpo' / 'stage.log'}")
     assert "Traceback" not in r.stderr
     # 1.5 CPUs would fit the cluster's 2: the node count is checked before any placement group waits.
     assert time.monotonic() - t0 < 90

@@ -64,6 +64,11 @@ def test_good_workflow_orders_stages(tmp_path):
         (GOOD.replace("steps: 5", "steps: 5, num_cpus: 2"), "num_cpus: unknown field (moved: did you mean 'learner.cpus_per_worker'?)"),
         ("name: t\nstages: {o: {kind: opd, config: {student: x, teachers: [{model: x, domains: [m]}], data: [{}], "
          "max_new_tokens: 8}}}\n", "max_new_tokens: unknown field (moved: did you mean 'rollout.max_new_tokens'?)"),
+        ("name: t\nstages: {o: {kind: opd, config: {student: x, teachers: [{model: x, domains: [m]}], data: [{}], "
+         "device: cpu}}}\n", "device: unknown field (moved: did you mean 'learner.gpus_per_worker'?)"),
+        (GOOD.replace("model: base", "model: s3://bucket/ckpt"),  # only OPD teachers are fetched from storage
+         "stages.sft.config.model: 's3://bucket/ckpt' does not exist"),
+        (GOOD + "sandbox: {size: 0}\n", "sandbox.size: Input should be greater than or equal to 1"),
         (GOOD + "  x: [\n", "not valid YAML at line"),
         ("- just\n- a list\n", "expected a mapping"),
         (b"\xff\xfe\x00bad", "cannot read"),
