@@ -5,12 +5,12 @@
     finish_sync()                        the last bucket arrived: drop state computed with old weights
     prompt_logprobs(rows)                teacher-forced log-probs at temperature 1 (the sync probe)
 
-`HFBackend` runs a KV-cached decode loop on its own copy of a transformers model; `VLLMBackend` runs vLLM's
-engine (V1: the model lives in an engine process; weights go there through the worker extension
-`rollout.vllm_ext.WeightSync` and `collective_rpc`). Both sample with neutral settings unless the
-config asks for more (rollout.config), and both report each sampled token's log-prob under the
-distribution it was drawn from (after temperature, and top-k/top-p when set), which is what
-truncated importance sampling divides by.
+`HFBackend` runs a KV-cached decode loop on its own copy of a transformers model; `VLLMBackend`
+runs vLLM's engine (V1: the model lives in an engine process; weights go there through the worker
+extension `rollout.vllm_ext.WeightSync` and `collective_rpc`). Both sample with neutral settings
+unless the config asks for more (rollout.config), and both report each sampled token's log-prob
+under the distribution it was drawn from (after temperature, and top-k/top-p when set), which is
+what truncated importance sampling divides by.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-
 def sampling_scores(logits: torch.Tensor, cfg: RolloutConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
     """The logits a token is drawn from: repetition penalty on `seen` tokens, temperature, top-k, top-p
     (each only when the config sets it); masked tokens are -inf. Greedy (temperature 0) is unscaled.
@@ -88,6 +87,7 @@ def draw(scores: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1:]
     u = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=scores.shape[-1] - 1)
+
 
 class HFBackend:
     """A plain KV-cached decode loop on the worker's own copy of a transformers model (CPU or one GPU).
