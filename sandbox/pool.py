@@ -124,6 +124,7 @@ class SandboxPool:
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._n_live = 0  # boxes existing or being started
         self._replacing = 0  # background destroy/refill threads in flight
+        self._max_starting = max_starting
         self._start_slots = threading.BoundedSemaphore(max_starting)
         self._sessions: dict[str, _Lease] = {}
         self._closed = False
@@ -325,7 +326,10 @@ class SandboxPool:
         with self._lock:
             n = self.size - self._n_live
             self._n_live += n
-        futures = [self._executor.submit(self._start_box) for _ in range(n)]
+        # All n starts queue for `max_starting` slots at once: the last waits for n / max_starting
+        # starts, each bounded by its own deadline, so a wait of one deadline would fail a big pool.
+        slot_wait_s = self.limits.start_timeout_s * -(-n // self._max_starting)
+        futures = [self._executor.submit(self._start_box, slot_wait_s) for _ in range(n)]
         errors = []
         for f in futures:
             try:
@@ -338,10 +342,10 @@ class SandboxPool:
             self.close()
             raise SandboxError(f"could not start {len(errors)}/{n} sandbox(es): {errors[0]}")
 
-    def _start_box(self) -> Box:
-        deadline = self.limits.start_timeout_s
-        if not self._start_slots.acquire(timeout=deadline):
-            raise SandboxError(f"no start slot within {deadline}s (too many containers starting)")
+    def _start_box(self, slot_wait_s: float | None = None) -> Box:
+        wait = self.limits.start_timeout_s if slot_wait_s is None else slot_wait_s
+        if not self._start_slots.acquire(timeout=wait):
+            raise SandboxError(f"no start slot within {wait:g}s (too many containers starting)")
         try:
             t0 = time.monotonic()
             box = Box(self.client, self.image, self.limits, self.pool_id)
