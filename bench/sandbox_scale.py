@@ -5,8 +5,9 @@ For each N (default 64, 128, 256) one `SandboxPool(size=N)` is warmed to N conta
   acquire  `pool.open_session()`: a container from the warm pool (the figure with a target);
   exec     one shell command in its session while the other N-1 sessions run theirs;
   release  `pool.close_session()`: the reset that makes the container reusable.
-The baselines come from the same run and the same pool: the cold start (what an acquire costs when
-the pool has no idle container: the starts while warming) and the exec latency of one session alone.
+The baselines come from the same run and the same pool: a cold start alone (what an acquire costs
+when the pool has no idle container: the first `--alone` starts, one at a time, while warming) and
+the exec latency of one session alone.
 
 Warming goes through the public API in waves: `--wave` sessions opened at once (each starts its
 container, at most `--max-starting` at a time), held until N are held, then all released to the
@@ -16,6 +17,8 @@ its containerd-shim process, and the growth of dockerd + containerd and of this 
 container. After the pool closes, containers left are counted with
 `docker ps -a --filter label=opd.sandbox.pool=<id>` (this pool's) and `label=opd.sandbox` (anyone's).
 Every container this run started is removed on the way out, on error and on Ctrl-C too.
+Last, `--ray-sessions` sessions go through one Ray pool actor (`serve_pool`, the per-node
+service): the latency of a call through Ray and the calls per second one actor serves.
 
 Usage: python bench/sandbox_scale.py [--sizes 64 128 256] [--rounds 3]
 """
@@ -37,7 +40,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from sandbox import DEFAULT_IMAGE, Limits, SandboxPool  # noqa: E402
-from sandbox.container import LABEL, SandboxError  # noqa: E402
+from sandbox.container import LABEL, SandboxError, docker_client  # noqa: E402
 
 COMMAND = "echo ok"
 ACQUIRE_TARGET_MS = 50.0
@@ -364,6 +367,44 @@ def report(row: dict, args) -> None:
     row.update(acq=acq, exe=exe, live=live, tput=tput, serial_tput=1000 / statistics.mean(s))
 
 
+def through_ray(sessions: int, calls: int, deadline_s: float) -> dict:
+    """`sessions` sessions at once through one pool actor (`serve_pool`, the per-node service),
+    `calls` execs each: per-call latency in ms and the actor's calls per second."""
+    import ray
+
+    from sandbox.actor import RemotePool, serve_pool
+    from sandbox.pool import reap_orphans
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        actor = serve_pool(size=sessions, name="bench-scale-pool")
+        remote = RemotePool(actor)
+        remote.run(cmd=COMMAND)  # waits for the actor and its warm pool
+
+        def episode(_):
+            lat = []
+            with remote.session() as s:
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    assert s.exec(COMMAND).stdout == "ok\n"
+                    lat.append((time.perf_counter() - t0) * 1000)
+            return lat
+
+        t0 = time.perf_counter()
+        res = run_threads(sessions, episode, deadline_s)
+        wall = time.perf_counter() - t0
+        ray.get(actor.close.remote())
+    finally:
+        ray.shutdown()  # kills the actor; if it had no time to close its pool, its containers are
+        time.sleep(1.0)  # orphans (their owner pid is gone), which the reaper removes
+        reap_orphans(docker_client())
+    if bad := failures(res):
+        raise RuntimeError(f"{len(bad)}/{sessions} sessions through the actor failed: {bad[0]!r}")
+    lat = [x for r in res for x in r]
+    return {"lat": lat, "rate": len(lat) / wall}
+
+
 def interrupted(*_) -> None:
     raise KeyboardInterrupt
 
@@ -377,6 +418,8 @@ def main() -> None:
     ap.add_argument("--max-starting", type=int, default=4, help="the pool's limit on containers starting at once")
     ap.add_argument("--start-timeout", type=float, default=30.0, help="Limits.start_timeout_s")
     ap.add_argument("--serial", type=int, default=50, help="exec calls of the one-session baseline")
+    ap.add_argument("--ray-sessions", type=int, default=16, help="sessions through one Ray pool actor (0: skip)")
+    ap.add_argument("--ray-calls", type=int, default=25, help="execs per session through the actor")
     ap.add_argument("--idle-window", type=float, default=5.0, help="seconds over which idle CPU is measured")
     ap.add_argument("--deadline", type=float, default=300.0, help="seconds any one phase may take")
     ap.add_argument("--image", default=DEFAULT_IMAGE)
@@ -402,6 +445,10 @@ def main() -> None:
             pool.close()
             removed = remove_all(f"{LABEL}.pool={pool.pool_id}")
             print(f"interrupted: removed {removed} more container(s) of pool {pool.pool_id}", file=sys.stderr)
+    if args.ray_sessions:
+        r = through_ray(args.ray_sessions, args.ray_calls, args.deadline)
+        print(f"\n== through one Ray pool actor: {args.ray_sessions} sessions at once, {args.ray_calls} execs each: "
+              f"p50 {pct(r['lat'], 50):.1f} ms, p99 {pct(r['lat'], 99):.1f} ms, {r['rate']:.0f} calls/s")
     left_any = len(labelled(LABEL))
 
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}; sandbox containers on the daemon now "
