@@ -61,6 +61,12 @@ def labelled(label: str) -> list[str]:
     return out.stdout.split()
 
 
+def image_mb(image: str) -> float:
+    out = subprocess.run(["docker", "image", "inspect", "--format", "{{.Size}}", image],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout) / 1e6
+
+
 def remove_all(label: str) -> int:
     ids = labelled(label)
     for i in range(0, len(ids), 64):
@@ -383,8 +389,10 @@ def through_ray(sessions: int, calls: int, deadline_s: float) -> dict:
         remote.run(cmd=COMMAND)  # waits for the actor and its warm pool
 
         def episode(_):
-            lat = []
-            with remote.session() as s:
+            t0 = time.perf_counter()
+            s = remote.session()
+            lat = [(time.perf_counter() - t0) * 1000]  # the acquire, one actor call
+            with s:
                 for _ in range(calls):
                     t0 = time.perf_counter()
                     assert s.exec(COMMAND).stdout == "ok\n"
@@ -401,8 +409,8 @@ def through_ray(sessions: int, calls: int, deadline_s: float) -> dict:
         reap_orphans(docker_client())
     if bad := failures(res):
         raise RuntimeError(f"{len(bad)}/{sessions} sessions through the actor failed: {bad[0]!r}")
-    lat = [x for r in res for x in r]
-    return {"lat": lat, "rate": len(lat) / wall}
+    lat = [x for r in res for x in r[1:]]
+    return {"open": [r[0] for r in res], "lat": lat, "rate": len(lat) / wall}
 
 
 def interrupted(*_) -> None:
@@ -433,7 +441,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / (1 << 30):.1f} GiB; "
           f"load average {os.getloadavg()[0]:.2f}; command {COMMAND!r}; {others_before} other sandbox "
           f"container(s) on the daemon at start; limits per container: {Limits().memory_mb} MiB, "
-          f"{Limits().cpus:g} CPU")
+          f"{Limits().cpus:g} CPU; image {args.image} {image_mb(args.image):.0f} MB")
     rows, pools = [], []
     try:
         for n in args.sizes:
@@ -448,7 +456,8 @@ def main() -> None:
     if args.ray_sessions:
         r = through_ray(args.ray_sessions, args.ray_calls, args.deadline)
         print(f"\n== through one Ray pool actor: {args.ray_sessions} sessions at once, {args.ray_calls} execs each: "
-              f"p50 {pct(r['lat'], 50):.1f} ms, p99 {pct(r['lat'], 99):.1f} ms, {r['rate']:.0f} calls/s")
+              f"acquire p50 {pct(r['open'], 50):.1f} ms, max {max(r['open']):.1f} ms; exec p50 {pct(r['lat'], 50):.1f} ms, "
+              f"p99 {pct(r['lat'], 99):.1f} ms; {r['rate']:.0f} exec calls/s")
     left_any = len(labelled(LABEL))
 
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}; sandbox containers on the daemon now "
