@@ -113,12 +113,13 @@ def stage_record(stage: Stage) -> dict:
 
 
 def defining(record: dict) -> dict:
-    """What defines a stage's result (hashed into DONE.json): the record less the learner's resources."""
-    learner = record.get("config", {}).get("learner")
-    if not isinstance(learner, dict):
-        return record
-    kept = {k: v for k, v in learner.items() if k not in HOW_NOT_WHAT}
-    return {**record, "config": {**record["config"], "learner": kept}}
+    """What defines a stage's result (hashed into DONE.json): the record less where its actors run."""
+    config = dict(record.get("config", {}))
+    if isinstance(config.get("learner"), dict):
+        config["learner"] = {k: v for k, v in config["learner"].items() if k not in HOW_NOT_WHAT}
+    if isinstance(config.get("rollout"), dict):
+        config["rollout"] = {k: v for k, v in config["rollout"].items() if k != "placement"}
+    return {**record, "config": config} if "config" in record else record
 
 
 def config_hash(stage: Stage) -> str:

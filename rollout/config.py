@@ -46,6 +46,9 @@ class RolloutConfig(StageConfig):
     num_workers: int = Field(1, ge=1, description="Rollout actors (one engine each); prompts are split between them.")
     num_cpus: float = Field(0.5, gt=0, description="CPUs each rollout actor reserves in Ray (phases run one at a time, so actors may share cores).")
     num_gpus: float = Field(0, ge=0, description="GPUs each rollout actor reserves (vllm on GPU: 1).")
+    placement: Literal["pack", "spread"] = Field("pack", description="pack: wherever Ray fits them; spread: over "
+                                                 "as many nodes as it can (Ray's SPREAD), e.g. to use every node's "
+                                                 "sandboxes.")
     threads: int = Field(0, ge=0, description="CPU threads per rollout actor (0: all cores).")
     sync_tolerance: float | None = Field(
         None, gt=0, description="Max mean |rollout - learner| log-prob (temperature 1) on the probe batch after a "

@@ -105,7 +105,8 @@ def start_workers(model_path: str, cfg: RolloutConfig, agent: AgentConfig | None
         return [RolloutWorker(model_path, cfg, agent, seed)]
     import ray
 
-    actor = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(RolloutWorker)
+    actor = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                       scheduling_strategy="SPREAD" if cfg.placement == "spread" else "DEFAULT")(RolloutWorker)
     workers = [actor.remote(model_path, cfg, agent, seed + i) for i in range(cfg.num_workers)]
     try:
         ray.get([w.sync_tolerance.remote() for w in workers])  # each engine is up, or says why not

@@ -240,3 +240,84 @@ stages:
     r = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(wf)], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "sandbox.limits.memory_mb" in r.stderr and "Traceback" not in r.stderr
+
+
+KILL_A_SERVICE = """
+import json, os, sys, time
+import ray
+from sandbox.service import NAMESPACE, service_name
+
+ray.init(sys.argv[1], log_to_driver=False)
+metrics = sys.argv[2]
+deadline = time.time() + 400
+while time.time() < deadline:  # the stage is under way: its first step is logged
+    try:
+        if open(metrics).read().count("\\n") >= 1:
+            break
+    except FileNotFoundError:
+        pass
+    time.sleep(0.2)
+pid = lambda a: ray.get(a.__ray_call__.remote(lambda self: os.getpid()))
+services = {n["NodeID"]: ray.get_actor(service_name(n["NodeID"]), namespace=NAMESPACE) for n in ray.nodes() if n["Alive"]}
+pids = [pid(a) for a in services.values()]
+node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "second_node" in n["Resources"])
+killed = pid(services[node])
+ray.kill(services[node], no_restart=False)  # as a node's OOM killer would: Ray restarts it
+while time.time() < deadline:  # the restarted one (ray.kill returns before the process is gone)
+    try:
+        if pid(services[node]) != killed:
+            break
+    except ray.exceptions.RayActorError:
+        pass
+    time.sleep(0.5)
+pids.append(pid(services[node]))
+print(json.dumps({"pids": pids}))
+"""
+
+
+def test_agent_grpo_on_both_nodes_survives_a_killed_sandbox_service(two_node_cluster, tmp_path):
+    """Rollout workers on both nodes take sessions from their node's service; one service is killed
+    mid-stage, Ray restarts it, and the stage finishes every step with nothing left behind."""
+    _, gcs, env = two_node_cluster
+    agent = '{domain: agent, source: generator, task: "experts.tasks:agent_samples", size: 40, heldout: 4, task_args: {system: "Use tools."}}'
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(f"""
+name: served_grpo
+sandbox: {{size: 2, limits: {{memory_mb: 256}}}}
+stages:
+  base:
+    kind: base_model
+    config: {{tokenizer_data: [{agent}], vocab_size: 400,
+              model: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}}}
+  grpo:
+    kind: grpo
+    needs: [base]
+    config:
+      model: base
+      data: {agent}
+      rewards: {{weights: {{agent: 1.0}}}}
+      steps: 5
+      prompts_per_step: 2
+      dynamic_sampling: false
+      reward_workers: 0
+      learner: {{cpus_per_worker: 0.5}}
+      rollout: {{group_size: 2, max_new_tokens: 24, reasoning: non_think, num_workers: 2, num_cpus: 0.25, placement: spread}}
+      agent: {{max_turns: 2, sandboxes: 2}}
+""")
+    metrics = tmp_path / "runs" / "served_grpo" / "grpo" / "metrics.jsonl"
+    killer = subprocess.Popen([sys.executable, "-c", KILL_A_SERVICE, gcs, str(metrics)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(wf), "--address", gcs, "--runs-dir",
+                        str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    out, err = killer.communicate(timeout=120)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert killer.returncode == 0, err[-2000:]
+    pids = json.loads(out.strip().splitlines()[-1])["pids"]
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5]  # no step lost
+    assert all(m["agent/turns_mean"] >= 1 for m in steps)  # every step's episodes ran
+    assert steps[-1]["sandbox/restarts"] >= 1  # the killed service came back
+    # nothing left behind: neither the killed service's containers nor the two services' after the run
+    left = [c for p in pids for c in subprocess.run(["docker", "ps", "-aq", f"--filter=label=opd.sandbox.pid={p}"],
+                                                     capture_output=True, text=True).stdout.split()]
+    assert len(set(pids)) == 3 and left == []
