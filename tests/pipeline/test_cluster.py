@@ -212,21 +212,28 @@ def test_each_node_serves_its_own_sandboxes_and_stopping_leaves_no_container(two
     assert out["left"] == []  # every service's containers destroyed with it
 
 
-def test_a_workflow_with_a_sandbox_block_runs_its_agent_eval_on_the_node_service(tmp_path):
-    agent = '{domain: agent, source: generator, task: "experts.tasks:agent_samples", size: 40, heldout: 4, task_args: {system: "Use tools."}}'
-    wf = tmp_path / "wf.yaml"
-    wf.write_text(f"""
-name: served
+AGENT = '{domain: agent, source: generator, task: "experts.tasks:agent_samples", size: 40, heldout: 4, task_args: {system: "Use tools."}}'
+
+
+def served(name: str) -> str:
+    """A workflow with a `sandbox:` block and a tiny base model for agent tasks; stages follow."""
+    return f"""
+name: {name}
 sandbox: {{size: 2, limits: {{memory_mb: 256}}}}
 stages:
   base:
     kind: base_model
-    config: {{tokenizer_data: [{agent}], vocab_size: 400,
-              model: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}}}
+    config: {{tokenizer_data: [{AGENT}], vocab_size: 400,
+              model: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}}}"""
+
+
+def test_a_workflow_with_a_sandbox_block_runs_its_agent_eval_on_the_node_service(tmp_path):
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(served("served") + f"""
   eval:
     kind: eval
     needs: [base]
-    config: {{models: [base], data: [{agent}], limit: 4, max_new_tokens: 8}}
+    config: {{models: [base], data: [{AGENT}], limit: 4, max_new_tokens: 8}}
 """)
     r = subprocess.run([sys.executable, "-m", "pipeline", "run", str(wf), "--runs-dir", str(tmp_path / "runs")],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -279,22 +286,14 @@ def test_agent_grpo_on_both_nodes_survives_a_killed_sandbox_service(two_node_clu
     """Rollout workers on both nodes take sessions from their node's service; one service is killed
     mid-stage, Ray restarts it, and the stage finishes every step with nothing left behind."""
     _, gcs, env = two_node_cluster
-    agent = '{domain: agent, source: generator, task: "experts.tasks:agent_samples", size: 40, heldout: 4, task_args: {system: "Use tools."}}'
     wf = tmp_path / "wf.yaml"
-    wf.write_text(f"""
-name: served_grpo
-sandbox: {{size: 2, limits: {{memory_mb: 256}}}}
-stages:
-  base:
-    kind: base_model
-    config: {{tokenizer_data: [{agent}], vocab_size: 400,
-              model: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}}}
+    wf.write_text(served("served_grpo") + f"""
   grpo:
     kind: grpo
     needs: [base]
     config:
       model: base
-      data: {agent}
+      data: {AGENT}
       rewards: {{weights: {{agent: 1.0}}}}
       steps: 5
       prompts_per_step: 2
