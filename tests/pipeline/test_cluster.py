@@ -60,20 +60,26 @@ def two_node_cluster(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def submit(workflow: str, dashboard: str, runs: Path, env: dict) -> subprocess.CompletedProcess:
+    """`pipeline submit` of `workflow` (text), written for the run inside the uploaded working dir."""
+    wf = REPO / f"submit_test_{os.getpid()}.yaml"  # must sit in the uploaded working dir, not a git-ignored one
+    wf.write_text(workflow)
+    try:
+        return subprocess.run([sys.executable, "-m", "pipeline", "submit", str(wf.relative_to(REPO)), "--address",
+                               dashboard, "--runs-dir", str(runs)], cwd=REPO, capture_output=True, text=True,
+                              timeout=600, env=env)
+    finally:
+        wf.unlink()
+
+
 def test_submit_runs_each_stage_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
     dashboard, gcs, env = two_node_cluster
     nodes = subprocess.run([sys.executable, "-c", f"import ray; ray.init('{gcs}'); print(len([n for n in ray.nodes() if n['Alive']]))"],
                            capture_output=True, text=True, timeout=120, env=env)
     assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
 
-    wf = REPO / f"cluster_test_{os.getpid()}.yaml"  # must sit in the uploaded working dir, not a git-ignored one
-    wf.write_text(tiny_workflow("cluster", sft_steps=4, save_every=2))
     runs = tmp_path / "runs"
-    try:
-        r = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(wf.relative_to(REPO)), "--address", dashboard,
-                            "--runs-dir", str(runs)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    finally:
-        wf.unlink()
+    r = submit(tiny_workflow("cluster", sft_steps=4, save_every=2), dashboard, runs, env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     for stage in ("base", "sft", "eval"):
         assert f"[{stage}] submitted as cluster-{stage}-" in r.stdout
@@ -140,14 +146,8 @@ def test_run_starts_independent_stages_together_on_two_nodes(two_node_cluster, t
 
 def test_submit_runs_independent_stages_as_concurrent_jobs(two_node_cluster, tmp_path):
     dashboard, _, env = two_node_cluster
-    wf = REPO / f"parallel_test_{os.getpid()}.yaml"  # inside the uploaded working dir
-    wf.write_text(two_experts("parallel_submit"))
     runs = tmp_path / "runs"
-    try:
-        r = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(wf.relative_to(REPO)), "--address", dashboard,
-                            "--runs-dir", str(runs)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    finally:
-        wf.unlink()
+    r = submit(two_experts("parallel_submit"), dashboard, runs, env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert_side_by_side(runs / "parallel_submit")
     assert r.stdout.index("[sft_b] submitted") < r.stdout.index("[sft_a] SUCCEEDED")  # two jobs at once
