@@ -13,7 +13,7 @@ from typing import Any
 from experts.data import DataConfig, load_samples
 from pipeline.config import MAX_TOKENS, BatchSize, ModelRef, StageConfig, Tokens
 from pipeline.context import StageContext, atomic_write_json
-from rollout.config import AgentConfig, Backend, RolloutConfig
+from rollout.config import AgentConfig, Backend, DomainRollout, RolloutConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class Config(StageConfig):
     vllm: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for vllm.LLM (backend: vllm).")
     num_gpus: float = Field(0, ge=0, le=64, description="GPUs each evaluation task reserves (vllm on GPU: 1).")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Episode limits for domain agent (needs Docker).")
+    domains: dict[str, DomainRollout] = Field(default_factory=dict, description="Per-domain generation limits, e.g. "
+                                              "{math: {max_new_tokens: 32}} (rollout.domains, as the stages that "
+                                              "trained the models sampled).")
 
     @model_validator(mode="after")
     def _agent_fits(self):
@@ -68,10 +71,12 @@ def score_completions(metric: str, samples: list[dict], completions: list[str]) 
 
 
 def greedy_rollout(cfg: Config, agent: bool) -> RolloutConfig:
-    """One greedy completion per sample on the configured engine; agent episodes think until the answer reserve."""
+    """One greedy completion per sample on the configured engine; agent episodes think until the answer reserve
+    (each domain's `domains` limits apply on top)."""
     reasoning = ("think_max" if agent else "think") if cfg.enable_thinking else "non_think"
     return RolloutConfig(backend=cfg.backend, vllm=cfg.vllm, group_size=1, temperature=0.0, reasoning=reasoning,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, threads=cfg.threads)
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, threads=cfg.threads,
+                         domains=cfg.domains)
 
 
 def score_model(model_path: str, samples: list[dict], cfg: Config) -> dict:

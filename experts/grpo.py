@@ -23,7 +23,7 @@ from collections import defaultdict
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from experts.data import DataConfig, load_samples
@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 class Config(StageConfig):
     model: ModelRef = Field(description="Starting checkpoint (usually the domain's SFT stage).")
     ref_model: ModelRef | None = Field(None, description="Reference policy for the KL term; None: `model`.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Prompts (train split) of the expert's domain.")
+    data: list[DataConfig] = Field(default_factory=lambda: [DataConfig()], description="Prompts (train split): "
+                                   "the expert's domain, or a list of domains trained at once (a mixed model; give "
+                                   "`rewards.domains` and `rollout.domains` so each is scored and sampled as its own).")
     rewards: RewardSpec = Field(default_factory=RewardSpec, description="Which rewards score a response, with weights.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="How responses are sampled.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Multi-turn episodes (domain: agent).")
@@ -94,6 +96,11 @@ class Config(StageConfig):
     reward_cpus: float = Field(0.25, gt=0, le=4096, description="CPUs each reward actor reserves.")
     probe_prompts: int = Field(4, ge=1, le=1024, description="Prompts in the probe batch that checks each weight sync.")
 
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, (dict, DataConfig)) else v
+
     @model_validator(mode="after")
     def _rollout_fits(self):
         """The rollout's own config (rollout.config) is bounded here, where its sizes multiply."""
@@ -104,7 +111,7 @@ class Config(StageConfig):
             raise ValueError("rollout.temperature is 0 (greedy): GRPO needs sampled responses that differ")
         for field, value, most in (
             ("prompts_per_step x rollout.group_size", self.prompts_per_step * ro.group_size, MAX_BATCH),
-            ("rollout.max_new_tokens", ro.max_new_tokens, MAX_TOKENS),
+            ("rollout.max_new_tokens", ro.longest(), MAX_TOKENS),
             ("rollout.think_budget", ro.think_budget, MAX_TOKENS),
             ("rollout.batch_size", ro.batch_size, MAX_BATCH),
             ("rollout.num_workers", ro.num_workers, 1024),
@@ -300,7 +307,8 @@ def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], c
 def pass_rate(spec: RewardSpec, results: list[RewardResult]) -> dict[str, float]:
     """Share of responses that fully pass the first-named (verifiable) reward: `pass_rate/<name>`."""
     name = next(iter(spec.weights))
-    return {f"pass_rate/{name}": sum(r.details.get(name, 0.0) >= 1.0 for r in results) / max(1, len(results))}
+    mine = [r for r in results if name in r.details]
+    return {f"pass_rate/{name}": sum(r.details[name] >= 1.0 for r in mine) / max(1, len(mine))}
 
 
 def probe_rows(tokenizer, samples: list[dict], cfg: Config) -> list[list[int]]:
@@ -319,7 +327,7 @@ def resources(cfg: Config) -> dict[str, float]:
 def run(cfg: Config, ctx: StageContext) -> None:
     model_path = str(ctx.model_path(cfg.model))
     tok = load_tokenizer(model_path)
-    samples = load_samples(cfg.data, "train")
+    samples = [s for d in cfg.data for s in load_samples(d, "train")]
     plan = batch_plan(len(samples), cfg.prompts_per_step, cfg.steps, ctx.seed)
     probe = probe_rows(tok, samples, cfg)
     resume = latest_checkpoint(ctx.checkpoint_dir)

@@ -48,6 +48,11 @@ class RewardSpec(BaseModel):
     reward_model: ModelRef | None = Field(
         None, description="Checkpoint for the `reward_model` reward: a reward_model stage or an HF dir."
     )
+    domains: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Reward name -> the sample domains it scores, e.g. {math: [math], code: [code]} for a "
+        "multi-domain stage; it adds nothing to other domains' samples. A reward not named scores every sample.",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -73,6 +78,19 @@ class RewardSpec(BaseModel):
                 if key not in params:
                     raise ValueError(f"{name}: unknown option {key!r}; {name} takes {', '.join(params) or 'none'}")
         return options
+
+    @field_validator("domains")
+    @classmethod
+    def _domains_weighted(cls, domains: dict[str, list[str]], info: ValidationInfo) -> dict[str, list[str]]:
+        weights = info.data.get("weights") or {}
+        for name in domains:
+            if name not in weights:
+                raise ValueError(f"{name!r} has domains but no weight; weighted rewards: {', '.join(weights)}")
+        return domains
+
+    def scores(self, name: str, domain: str | None) -> bool:
+        """Whether reward `name` applies to a sample of `domain`."""
+        return name not in self.domains or domain in self.domains[name]
 
     @model_validator(mode="after")
     def _has_checkpoint(self) -> "RewardSpec":
@@ -149,7 +167,11 @@ class CombinedReward:
         reasons: list[dict[str, str]] = [{} for _ in samples]
         for name, reward in self.rewards.items():
             weight = self.spec.weights[name]
-            for i, r in enumerate(score_guarded(reward, samples, self.spec.timeout_s)):
+            mine = [i for i, s in enumerate(samples) if self.spec.scores(name, s.get("domain"))]
+            if not mine:
+                continue
+            scored = score_guarded(reward, [samples[i] for i in mine], self.spec.timeout_s)
+            for i, r in zip(mine, scored):
                 totals[i] += weight * r.score
                 details[i][name] = r.score
                 if r.details:
@@ -166,16 +188,18 @@ class CombinedReward:
 
 
 def reward_metrics(names: Sequence[str], results: Sequence[RewardResult]) -> dict[str, float]:
-    """Batch means named per reward: `reward/<name>`, `reward/<name>/failed`, `reward/weighted_sum`.
+    """Batch means named per reward (over the samples it scores): `reward/<name>`, `reward/<name>/failed`,
+    `reward/weighted_sum` (over all).
 
     >>> reward_metrics(["math"], [RewardResult(1.0, None, {"math": 1.0}), RewardResult(0.0, None, {"math": 0.0})])
     {'reward/weighted_sum': 0.5, 'reward/math': 0.5, 'reward/math/failed': 0.0}
     """
-    n = max(len(results), 1)
-    out = {"reward/weighted_sum": sum(r.score for r in results) / n}
+    out = {"reward/weighted_sum": sum(r.score for r in results) / max(len(results), 1)}
     for name in names:
-        out[f"reward/{name}"] = sum(r.details.get(name, 0.0) for r in results) / n
+        mine = [r for r in results if name in r.details or r.details.get("failed")]  # the samples it scores
+        n = max(len(mine), 1)
+        out[f"reward/{name}"] = sum(r.details.get(name, 0.0) for r in mine) / n
         out[f"reward/{name}/failed"] = sum(
-            bool(r.details.get("failed") or r.details.get(f"{name}/details", {}).get("failed")) for r in results
+            bool(r.details.get("failed") or r.details.get(f"{name}/details", {}).get("failed")) for r in mine
         ) / n
     return {k: (0.0 if math.isnan(v) else v) for k, v in out.items()}

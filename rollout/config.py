@@ -26,6 +26,18 @@ class AgentConfig(StageConfig):
     sandboxes: int = Field(4, ge=1, description="Warm containers per rollout worker; episodes run this many at a time.")
 
 
+Reasoning = Literal["non_think", "think", "think_high", "think_max"]
+
+
+class DomainRollout(StageConfig):
+    """One domain's own generation limits; a field left out keeps the rollout's value."""
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Longest response of this domain (per turn for agents).")
+    reasoning: Reasoning | None = Field(None, description="This domain's reasoning mode.")
+    think_budget: int | None = Field(None, ge=1, description="think_high: this domain's think tokens.")
+    answer_reserve: int | None = Field(None, ge=1, description="think_max: this domain's answer reserve.")
+
+
 class RolloutConfig(StageConfig):
     """How responses are sampled, by which engine, on how many workers."""
 
@@ -37,7 +49,7 @@ class RolloutConfig(StageConfig):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; below 1 the sampler departs from the policy, so keep 1 for exact ratios.")
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 is off (the policy's own distribution).")
     repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already present; 1.0 is off.")
-    reasoning: Literal["non_think", "think", "think_high", "think_max"] = Field(
+    reasoning: Reasoning = Field(
         "think_high", description="non_think: empty think block pre-filled; think: think freely within max_new_tokens; "
         "think_high: think up to think_budget tokens; think_max: think until answer_reserve tokens are left.")
     think_budget: int = Field(48, ge=1, description="think_high: tokens allowed in <think> before </think> is forced.")
@@ -60,6 +72,26 @@ class RolloutConfig(StageConfig):
         "min(pi_learner_old / pi_rollout, tis_cap). auto: 2.0 for vllm, off for hf; null: off.")
     vllm: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for vllm.LLM (backend: "
                                  "vllm), e.g. gpu_memory_utilization, dtype, tensor_parallel_size.")
+    domains: dict[str, DomainRollout] = Field(
+        default_factory=dict, description="Per-domain limits, e.g. {math: {max_new_tokens: 24, think_budget: 16}}: "
+        "a multi-domain batch gives each domain its own budget and reasoning mode (a short-answer domain "
+        "then never fills the batch with text nobody asked for).")
+
+    def for_domain(self, domain: str | None) -> "RolloutConfig":
+        """This config with `domain`'s overrides applied (itself when it has none).
+
+        >>> cfg = RolloutConfig(max_new_tokens=64, domains={"math": {"max_new_tokens": 8}})
+        >>> cfg.for_domain("math").max_new_tokens, cfg.for_domain("code").max_new_tokens
+        (8, 64)
+        """
+        o = self.domains.get(domain or "")
+        if o is None:
+            return self
+        return self.model_copy(update={k: v for k, v in o.model_dump().items() if v is not None})
+
+    def longest(self) -> int:
+        """The largest max_new_tokens over the base config and every domain's override."""
+        return max([self.max_new_tokens] + [o.max_new_tokens for o in self.domains.values() if o.max_new_tokens])
 
     def budget(self) -> int | None:
         """Think tokens allowed before `</think>` is forced, or None for no separate budget."""

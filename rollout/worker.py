@@ -49,20 +49,27 @@ class RolloutWorker:
         Agent prompts run as sandbox episodes; `episodes=False` samples only their first turn (OPD).
         """
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + first_group)  # reproducible, resumable sampling
-        is_agent = [episodes and s.get("domain") == "agent" for s in samples]
-        agent = [g for g, a in enumerate(is_agent) if a]
-        single = [g for g, a in enumerate(is_agent) if not a]
+        # one generate call per (kind, limits) part: single-turn prompts, agent episodes, each domain's own limits
+        parts: dict[tuple[bool, str | None], list[int]] = {}
+        for g, s in enumerate(samples):
+            domain = s.get("domain")
+            key = (episodes and domain == "agent", domain if domain in self.cfg.domains else None)
+            parts.setdefault(key, []).append(g)
         out: list[Rollout] = []
-        if single:
-            out += sample(self.backend, self.tokenizer, [samples[g] for g in single], self.cfg)
-        if agent:
-            from rollout.episodes import run_episodes
+        order: list[int] = []
+        for (agent, domain), groups in sorted(parts.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+            cfg = self.cfg.for_domain(domain)
+            part = [samples[g] for g in groups]
+            if agent:
+                from rollout.episodes import run_episodes
 
-            out += run_episodes(self.backend, self.tokenizer, [samples[g] for g in agent], 0, self.cfg, self.agent,
-                                self.sandbox_pool())
+                out += run_episodes(self.backend, self.tokenizer, part, 0, cfg, self.agent, self.sandbox_pool())
+            else:
+                out += sample(self.backend, self.tokenizer, part, cfg)
+            order += groups
         G = self.cfg.group_size
         for k, r in enumerate(out):  # back to the caller's numbering: group g answers samples[g]
-            r.group = first_group + (single + agent)[k // G]
+            r.group = first_group + order[k // G]
         return sorted(out, key=lambda r: r.group)
 
     def sandbox_pool(self):

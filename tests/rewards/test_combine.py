@@ -120,3 +120,17 @@ def test_ray_workers_survive_a_reward_that_kills_its_process(flaky, ray_session)
         pool.close()
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_reward_scores_only_its_domains():
+    """rewards.domains: a multi-domain stage scores each sample with its own domain's checker."""
+    spec = RewardSpec(weights={"math": 1.0, "format": 0.5}, domains={"math": ["math"]})
+    r = CombinedReward(spec)
+    res = r([{"id": 0, "domain": "math", "completion": "<think>x</think>\nAnswer: 2", "answer": "2"},
+             {"id": 1, "domain": "code", "completion": "<think>x</think>\nAnswer: 2", "answer": "3"}])
+    assert (res[0].score, res[1].score) == (1.5, 0.5)
+    assert "math" in res[0].details and "math" not in res[1].details
+    m = r.metrics(res)
+    assert m["reward/math"] == 1.0 and m["reward/format"] == 1.0, "means over the samples each reward scores"
+    with pytest.raises(ValueError, match="'code' has domains but no weight"):
+        RewardSpec(weights={"math": 1.0}, domains={"code": ["code"]})

@@ -78,3 +78,27 @@ def test_sampling_scores_match_transformers_warpers():
     assert torch.equal(ours.isinf(), ref.isinf())
     kept = ~ours.isinf()
     torch.testing.assert_close(ours[kept], ref[kept])
+
+
+def test_each_domain_samples_with_its_own_limits(tiny_base):
+    """rollout.domains: a mixed batch gives math its own budget and reasoning mode, the rest the base config's."""
+    from rollout.worker import RolloutWorker
+
+    cfg = RolloutConfig(group_size=3, max_new_tokens=12, reasoning="think", temperature=1.0,
+                        domains={"math": {"max_new_tokens": 3, "reasoning": "non_think"}})
+    worker = RolloutWorker(str(tiny_base), cfg, seed=0)
+    samples = [{"id": i, "domain": d, "messages": [{"role": "user", "content": f"{d} {i}"}]}
+               for i, d in enumerate(["code", "math", "code", "math"])]
+    rollouts = worker.generate(samples, first_group=10)
+    assert [r.group for r in rollouts] == [g for g in (10, 11, 12, 13) for _ in range(3)], "groups in sample order"
+    assert [r.domain for r in rollouts] == [r.sample["domain"] for r in rollouts]
+    for r in rollouts:
+        assert r.sample is samples[r.group - 10]
+        limit = 3 if r.domain == "math" else 12
+        assert len(r.response_ids) <= limit
+    tok = worker.tokenizer
+    math_prompt = tok.decode(next(r for r in rollouts if r.domain == "math").prompt_ids)
+    code_prompt = tok.decode(next(r for r in rollouts if r.domain == "code").prompt_ids)
+    assert math_prompt.rstrip().endswith("</think>"), "non_think pre-fills an empty think block for math"
+    assert not code_prompt.rstrip().endswith("</think>")
+    assert max(len(r.response_ids) for r in rollouts if r.domain == "code") > 3, "the base budget is not cut"
