@@ -36,6 +36,13 @@ class Config(StageConfig):
     vllm: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for vllm.LLM (backend: vllm).")
     num_gpus: float = Field(0, ge=0, le=64, description="GPUs each evaluation task reserves (vllm on GPU: 1).")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Episode limits for domain agent (needs Docker).")
+    model_domains: dict[str, list[str]] = Field(default_factory=dict, description="Model -> the only domains it is "
+                                                "scored on (e.g. an expert on its own); a model not named is scored "
+                                                "on every domain.")
+    relative: dict[str, dict[str, str]] = Field(default_factory=dict, description="Model -> {domain: reference "
+                                                "model}: the eval reports the model's score as a share of the "
+                                                "reference's, e.g. {opd: {math: grpo_math}} for what a distilled "
+                                                "student keeps of each teacher.")
     domains: dict[str, DomainRollout] = Field(default_factory=dict, description="Per-domain generation limits, e.g. "
                                               "{math: {max_new_tokens: 32}} (rollout.domains, as the stages that "
                                               "trained the models sampled).")
@@ -44,7 +51,26 @@ class Config(StageConfig):
     def _agent_fits(self):
         if self.agent.max_total_tokens > MAX_TOKENS:
             raise ValueError(f"agent.max_total_tokens is {self.agent.max_total_tokens}; at most {MAX_TOKENS}")
+        domains = [d.domain for d in self.data]
+        for field, table in (("model_domains", {m: {d: None for d in ds} for m, ds in self.model_domains.items()}),
+                             ("relative", self.relative)):
+            for model, by_domain in table.items():
+                if model not in self.models:
+                    raise ValueError(f"{field}: {model!r} is not one of models ({', '.join(self.models)})")
+                for d, ref in by_domain.items():
+                    if d not in domains:
+                        raise ValueError(f"{field}.{model}: {d!r} is not a domain of data ({', '.join(domains)})")
+                    if ref is not None and ref not in self.models:
+                        raise ValueError(f"{field}.{model}.{d}: {ref!r} is not one of models ({', '.join(self.models)})")
+        for model, by_domain in self.relative.items():
+            for d, ref in by_domain.items():
+                for m in (model, ref):
+                    if d not in self.scored_domains(m, domains):
+                        raise ValueError(f"relative.{model}.{d}: {m!r} is not scored on {d!r} (model_domains)")
         return self
+
+    def scored_domains(self, model: str, domains: list[str]) -> list[str]:
+        return [d for d in domains if model not in self.model_domains or d in self.model_domains[model]]
 
 
 def metric_for(metric: str, domain: str) -> str:
@@ -108,34 +134,74 @@ def resources(cfg: Config) -> dict[str, float]:
 
 def run(cfg: Config, ctx: StageContext) -> None:
     score = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus)(score_model)
-    results: dict[str, dict[str, dict]] = {}
-    for data in cfg.data:
+    domains = [d.domain for d in cfg.data]
+    futures: dict[str, dict[str, Any]] = {}
+    for data in cfg.data:  # every (domain, model) task at once, so no core waits for a domain's slowest model
         samples = load_samples(data, "heldout")[: cfg.limit]
-        futures = {ref: score.remote(str(ctx.model_path(ref)), samples, cfg) for ref in cfg.models}
-        results[data.domain] = {ref: ray.get(f) for ref, f in futures.items()}
-        for ref, r in results[data.domain].items():
-            log.info("%s %s on %s: %.3f (n=%d)", metric_for(cfg.metric, data.domain), ref, data.domain, r["score"], r["n"])
+        futures[data.domain] = {ref: score.remote(str(ctx.model_path(ref)), samples, cfg) for ref in cfg.models
+                                if data.domain in cfg.scored_domains(ref, domains)}
+    results: dict[str, dict[str, dict]] = {}
+    for domain, by_model in futures.items():
+        results[domain] = {ref: ray.get(f) for ref, f in by_model.items()}
+        for ref, r in results[domain].items():
+            log.info("%s %s on %s: %.3f (n=%d)", metric_for(cfg.metric, domain), ref, domain, r["score"], r["n"])
     table = {dom: {ref: r["score"] for ref, r in by_model.items()} for dom, by_model in results.items()}
+    shares = relative_scores(table, cfg.relative)
     metrics = {d.domain: metric_for(cfg.metric, d.domain) for d in cfg.data}
-    atomic_write_json(ctx.out_dir / "eval.json", {"metric": metrics, "scores": table, "details": results})
-    ctx.log_metrics(0, {f"score/{dom}/{ref}": s for dom, row in table.items() for ref, s in row.items()})
+    atomic_write_json(ctx.out_dir / "eval.json", {"metric": metrics, "scores": table, "relative": shares,
+                                                  "details": results})
+    ctx.log_metrics(0, {**{f"score/{dom}/{ref}": s for dom, row in table.items() for ref, s in row.items()},
+                        **{f"relative/{m}/{dom}": r["share"] for m, row in shares.items() for dom, r in row.items()}})
     log.info("%s: mean score per domain (%s)\n%s", ctx.name, ", ".join(f"{d}: {m}" for d, m in metrics.items()),
-             format_table(table))
+             format_table(table, cfg.models) + format_relative(shares))
 
 
-def format_table(table: dict[str, dict[str, float]]) -> str:
-    """Scores as a text table: one row per model, one column per domain.
+def relative_scores(table: dict[str, dict[str, float]], relative: dict[str, dict[str, str]]) -> dict[str, dict]:
+    """Each `relative` model's score per domain as a share of its reference's.
 
-    >>> print(format_table({"math": {"base": 0.0, "sft": 0.5}, "code": {"base": 0.1, "sft": 0.25}}))
-    model   math   code
-    base   0.000  0.100
-    sft    0.500  0.250
+    >>> relative_scores({"math": {"t": 0.8, "s": 0.76}}, {"s": {"math": "t"}})
+    {'s': {'math': {'reference': 't', 'score': 0.76, 'reference_score': 0.8, 'share': 0.95}}}
+    """
+    out: dict[str, dict] = {}
+    for model, by_domain in relative.items():
+        for d, ref in by_domain.items():
+            s, r = table[d][model], table[d][ref]
+            share = s / r if r > 0 else (1.0 if s >= r else 0.0)
+            out.setdefault(model, {})[d] = {"reference": ref, "score": s, "reference_score": r,
+                                            "share": round(share, 4)}
+    return out
+
+
+def format_relative(shares: dict[str, dict]) -> str:
+    """One line per (model, domain) of `relative_scores`, after the table.
+
+    >>> print(format_relative(relative_scores({"math": {"t": 0.8, "s": 0.76}}, {"s": {"math": "t"}})))
+    <BLANKLINE>
+    s on math: 0.760 = 95.0% of t (0.800)
+    """
+    return "".join(f"\n{m} on {d}: {r['score']:.3f} = {100 * r['share']:.1f}% of {r['reference']} "
+                   f"({r['reference_score']:.3f})" for m, row in shares.items() for d, r in row.items())
+
+
+def format_table(table: dict[str, dict[str, float]], models: list[str] | None = None) -> str:
+    """Scores as a text table: one row per model, one column per domain ("-": not scored there), and the
+    mean over domains for models scored on all of them.
+
+    >>> print(format_table({"math": {"base": 0.0, "sft": 0.5}, "code": {"base": 0.1}}))
+    model   math   code   mean
+    base   0.000  0.100  0.050
+    sft    0.500      -      -
     """
     domains = list(table)
-    models = list(next(iter(table.values())))
+    models = models or list(dict.fromkeys(m for row in table.values() for m in row))
     name = max(5, *(len(m) for m in models))
-    widths = [max(5, len(d)) for d in domains]
-    lines = [f"{'model':<{name}}" + "".join(f"  {d:>{w}}" for d, w in zip(domains, widths))]
+    cols = domains + ["mean"] if len(domains) > 1 else domains
+    widths = [max(5, len(d)) for d in cols]
+    lines = [f"{'model':<{name}}" + "".join(f"  {d:>{w}}" for d, w in zip(cols, widths))]
     for m in models:
-        lines.append(f"{m:<{name}}" + "".join(f"  {table[d][m]:>{w}.3f}" for d, w in zip(domains, widths)))
+        row = [table[d].get(m) for d in domains]
+        if len(cols) > len(domains):
+            row.append(sum(row) / len(row) if None not in row else None)
+        lines.append(f"{m:<{name}}" + "".join(f"  {v:>{w}.3f}" if v is not None else f"  {'-':>{w}}"
+                                              for v, w in zip(row, widths)))
     return "\n".join(lines)

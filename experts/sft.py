@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from experts.data import DataConfig, load_samples
 from experts.models import load_tokenizer
-from learner.batching import batch_plan
+from learner.batching import batch_plan, mixed_plan
 from learner.checkpoint import latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
@@ -40,6 +40,9 @@ class Config(StageConfig):
     max_len: Tokens = Field(256, ge=8, description="Longest sequence in tokens (8 to 2^20); longer samples are cut. "
                                                  "batch_size x max_len is at most 2^20 tokens.")
     packing: bool = Field(False, description="Concatenate samples into full rows of max_len instead of padding.")
+    mix: dict[str, float] = Field(default_factory=dict, description="Domain -> share of every step's rows, e.g. "
+                                  "{math: 3, code: 1} (normalised); each domain repeats its own samples as needed. "
+                                  "Empty: rows are drawn from all samples alike, so domains weigh by their size.")
     lr: LearningRate = Field(1e-3, description="Peak learning rate (AdamW), in (0, 1].")
     warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warmup steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays the LR to lr * min_lr_ratio.")
@@ -56,6 +59,14 @@ class Config(StageConfig):
         if self.batch_size * self.max_len > MAX_TOKENS:
             raise ValueError(f"batch_size x max_len = {self.batch_size * self.max_len} tokens per micro-batch; "
                              f"at most {MAX_TOKENS}")
+        if self.mix:
+            domains = {d.domain for d in self.data}
+            if set(self.mix) != domains:
+                raise ValueError(f"mix names {sorted(self.mix)}; give a share for each domain of data: {sorted(domains)}")
+            if self.packing:
+                raise ValueError("mix needs packing: false (a packed row holds samples of several domains)")
+            if not all(v > 0 for v in self.mix.values()):
+                raise ValueError(f"mix: every share must be > 0, got {self.mix}")
         if self.batch_size * self.grad_accum > MAX_BATCH:
             raise ValueError(f"batch_size x grad_accum = {self.batch_size * self.grad_accum} sequences per step; "
                              f"at most {MAX_BATCH}")
@@ -147,7 +158,12 @@ def run(cfg: Config, ctx: StageContext) -> None:
     tok = load_tokenizer(model_path)
     samples = [s for d in cfg.data for s in load_samples(d, "train", need_completion=True)]
     rows = build_rows(tok, samples, cfg.max_len, cfg.packing)
-    plan = batch_plan(len(rows), cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
+    if cfg.mix:  # rows are the samples, in order (no packing)
+        domains = list(cfg.mix)
+        groups = [[i for i, s in enumerate(samples) if s["domain"] == d] for d in domains]
+        plan = mixed_plan(groups, [cfg.mix[d] for d in domains], cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
+    else:
+        plan = batch_plan(len(rows), cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
     resume = latest_checkpoint(ctx.checkpoint_dir)
     group = WorkerGroup(str(model_path), cfg.learner, optim(cfg), resume=str(resume) if resume else None, name=ctx.name)
     start = group.step

@@ -25,6 +25,26 @@ def batch_plan(n_rows: int, per_step: int, steps: int, seed: int) -> list[list[i
     return [order[s * per_step : (s + 1) * per_step] for s in range(steps)]
 
 
+def mixed_plan(groups: list[list[int]], shares: list[float], per_step: int, steps: int, seed: int) -> list[list[int]]:
+    """Row indices for every step, a fixed share of each step from each group (say, a domain's rows).
+
+    Each group is walked in its own shuffled epochs (`batch_plan`), so a small domain repeats rather
+    than vanishing from a mix dominated by a large one. A step's `per_step` rows are split over the
+    groups by largest remainder of `share * per_step`.
+
+    >>> mixed_plan([[0, 1, 2, 3], [4, 5]], [3, 1], per_step=4, steps=2, seed=0)
+    [[2, 0, 1, 5], [3, 0, 1, 4]]
+    """
+    total = sum(shares)
+    want = [per_step * s / total for s in shares]
+    counts = [int(w) for w in want]
+    for i in sorted(range(len(want)), key=lambda i: counts[i] - want[i])[: per_step - sum(counts)]:
+        counts[i] += 1
+    plans = [batch_plan(len(rows), n, steps, seed + g) if n else [[]] * steps
+             for g, (rows, n) in enumerate(zip(groups, counts))]
+    return [[groups[g][i] for g in range(len(groups)) for i in plans[g][step]] for step in range(steps)]
+
+
 def row_tokens(batch: Batch) -> list[int]:
     """Tokens per row: its attention mask's sum (over every sequence of the row, e.g. [pairs, 2, L]),
     else the row's size."""

@@ -71,3 +71,24 @@ def test_grad_accumulation_weights_every_token_equally(tiny_base):
             (token_loss_sum(model, b)[0] / n).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_mix_gives_each_domain_its_share_of_every_step():
+    """sft.mix: a small domain keeps its share (repeating its samples), each step holds the same split."""
+    import pytest
+
+    from learner.batching import mixed_plan
+
+    small, large = list(range(5)), list(range(5, 105))
+    plan = mixed_plan([small, large], [3, 1], per_step=8, steps=50, seed=1)
+    for step in plan:
+        assert sum(i < 5 for i in step) == 6 and len(step) == 8
+    seen = [i for step in plan[:10] for i in step if i < 5]
+    assert sorted(seen) == sorted(small * 12), "the small domain is walked in whole epochs"
+    assert plan == mixed_plan([small, large], [3, 1], per_step=8, steps=50, seed=1), "fixed by the seed (resumable)"
+    data = [{"domain": "math"}, {"domain": "code", "source": "generator", "task": "experts.tasks:code_samples"}]
+    assert Config(model="m", data=data, mix={"math": 1, "code": 3}).mix == {"math": 1, "code": 3}
+    with pytest.raises(ValueError, match="give a share for each domain"):
+        Config(model="m", data=data, mix={"math": 1})
+    with pytest.raises(ValueError, match="mix needs packing: false"):
+        Config(model="m", data=data, mix={"math": 1, "code": 1}, packing=True)
