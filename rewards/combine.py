@@ -10,7 +10,9 @@ In a stage's YAML:
 `RewardSpec` validates that (unknown names and options fail at load time, naming the bad one);
 `CombinedReward(spec)` scores a batch: each sample's score is sum(weight * component score), and
 `details` keeps every component's score and reason. A component that raises, runs past its time
-limit or returns NaN scores the affected samples 0.0 with the reason logged; the batch goes on.
+limit or returns NaN scores the affected samples 0.0 with the reason logged and `failed` in its
+details (`reward_failed`); the batch goes on, and GRPO leaves such samples out instead of training
+on a 0 that the response did not earn.
 """
 
 from __future__ import annotations
@@ -185,6 +187,22 @@ class CombinedReward:
 
     def metrics(self, results: Sequence[RewardResult]) -> dict[str, float]:
         return reward_metrics(list(self.rewards), results)
+
+
+def reward_failed(result: RewardResult) -> bool:
+    """Whether a sample's score is made up because scoring failed (a component raised, timed out or
+    returned NaN, or a reward worker died), rather than earned by the response.
+
+    >>> reward_failed(RewardResult(0.0, "math failed: boom", {"math": 0.0, "math/details": {"failed": True}}))
+    True
+    >>> reward_failed(RewardResult(0.0, "reward worker failed", {"failed": True}))
+    True
+    >>> reward_failed(RewardResult(0.0, "no answer", {"math": 0.0}))
+    False
+    """
+    d = result.details
+    return bool(d.get("failed")) or any(
+        k.endswith("/details") and isinstance(v, dict) and bool(v.get("failed")) for k, v in d.items())
 
 
 def reward_metrics(names: Sequence[str], results: Sequence[RewardResult]) -> dict[str, float]:

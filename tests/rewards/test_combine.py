@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from rewards.base import REWARDS, RewardResult, make_reward
-from rewards.combine import CombinedReward, RewardSpec
+from rewards.combine import CombinedReward, RewardSpec, reward_failed
 
 
 class Crashes:
@@ -95,6 +95,8 @@ def test_crashing_nan_and_slow_rewards_do_not_kill_the_batch(flaky):
     assert "longer than 0.3s" in results[3].details["reasons"]["slow"]
     m = CombinedReward(spec).metrics(results)
     assert m["reward/crashes/failed"] == m["reward/nan/failed"] == m["reward/slow/failed"] == 0.25
+    # each made-up score says so (GRPO leaves those samples out); the earned one does not
+    assert [reward_failed(r) for r in results] == [False, True, True, True]
 
 
 def test_registered_reward_is_built_by_name(flaky):
@@ -114,6 +116,7 @@ def test_ray_workers_survive_a_reward_that_kills_its_process(flaky, ray_session)
         # shards are samples [0, 2] and [1, 3]: the first worker died, the second isolated the crash
         assert [r.score for r in results] == [0.0, 2.0, 0.0, 2.0]
         assert "reward worker failed" in results[0].reason and results[2].details["failed"]
+        assert [reward_failed(r) for r in results] == [True, True, True, False]
         assert results[1].details["reasons"]["crashes"].startswith("crashes failed: RuntimeError")
         assert [r.score for r in pool(batch("Answer: 2", "Answer: 2"))] == [3.0, 3.0]  # replaced, healthy
         assert pool.metrics(results)["reward/dies/failed"] == 0.5
