@@ -10,6 +10,8 @@ Sources: `reasoning_gym` (procedurally generated tasks shipped in that PyPI pack
 `generator` (any `module:function(n, seed, **task_args)` returning sample dicts, e.g.
 `rewards.if_data:if_samples` for instruction following).
 The held-out split is taken after removing duplicate prompts, so no held-out prompt is trained on.
+Generating sources (`GENERATING`) can also make new problems on demand (`fresh_samples`, GRPO's
+`fresh_prompts`), never one whose prompt is held out.
 A malformed record (not an object, not UTF-8, a field of the wrong type) is a `UserError` naming
 its file and line; nothing is skipped silently.
 """
@@ -28,6 +30,7 @@ from pipeline.config import PathRef, StageConfig, UserError
 
 Split = Literal["train", "heldout", "all"]
 MAX_SAMPLES = 10_000_000
+GENERATING = ("reasoning_gym", "generator")  # sources that make new samples from any seed
 
 
 class DataConfig(StageConfig):
@@ -79,6 +82,39 @@ def load_samples(cfg: DataConfig, split: Split = "train", need_completion: bool 
     if split == "train":
         return samples[cfg.heldout :]
     return samples
+
+
+def fresh_samples(cfg: DataConfig, n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[dict]:
+    """`n` distinct samples from a generating source made with `seed` (not `cfg.seed`), none whose
+    `prompt_key` is in `exclude` (pass the held-out split's). Fixed by (cfg, n, seed, exclude).
+
+    The generator is asked for more until n remain (at most 64 x n), else a `UserError`: a task whose
+    distinct prompts are nearly all held out cannot make new ones. Pick seeds far apart (hash them):
+    reasoning-gym seeds its item i with seed + i, so seeds s and s + 1 share all but one item.
+
+    >>> cfg = DataConfig(domain="math", source="generator", task="experts.tasks:echo_samples", size=50, heldout=10)
+    >>> held = {prompt_key(s) for s in load_samples(cfg, "heldout")}
+    >>> new = fresh_samples(cfg, 2, seed=7, exclude=held)
+    >>> [s["messages"][-1]["content"] for s in new], any(prompt_key(s) in held for s in new)
+    (['Repeat the digits 6 3 7.', 'Repeat the digits 1 2 9.'], False)
+    """
+    if cfg.source not in GENERATING:
+        raise ValueError(f"source {cfg.source!r} cannot make new samples; only {' or '.join(GENERATING)}")
+    size = n
+    while True:
+        rows = [r for r in _dedupe(_read(cfg.model_copy(update={"size": size, "seed": seed})))
+                if prompt_key(r) not in exclude]
+        if len(rows) >= n:
+            return rows[:n]
+        if size >= 64 * n:
+            raise UserError(f"data.task: {cfg.task} made only {len(rows)} new prompts (not held out) of "
+                            f"{size} asked for with seed {seed}; {n} were needed")
+        size *= 2
+
+
+def prompt_key(sample: dict) -> str:
+    """What makes two samples the same prompt: their messages (de-duplication and held-out checks use it)."""
+    return json.dumps(sample["messages"], sort_keys=True)
 
 
 def sample_texts(samples: list[dict]) -> list[str]:
@@ -223,7 +259,7 @@ def _kind(value: Any) -> str:
 def _dedupe(rows: list[dict]) -> list[dict]:
     seen, out = set(), []
     for r in rows:
-        key = json.dumps(r["messages"], sort_keys=True)
+        key = prompt_key(r)
         if key not in seen:
             seen.add(key)
             out.append(r)

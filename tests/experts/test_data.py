@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experts.data import DataConfig, load_samples
+from experts.data import DataConfig, fresh_samples, load_samples, prompt_key
 from pipeline.config import UserError
 from tests.conftest import ARITH
 
@@ -26,6 +26,37 @@ def test_generator_source_makes_instruction_following_samples():
     cfg = DataConfig(domain="instruction", source="generator", task="rewards.if_data:if_samples", size=40, heldout=5)
     samples = load_samples(cfg)
     assert len(samples) == 35 and all(s["domain"] == "instruction" and s["meta"]["constraints"] for s in samples)
+
+
+def test_fresh_samples_are_new_problems_and_never_held_out():
+    for cfg in (DataConfig(**{**ARITH, "size": 200, "heldout": 40}),
+                DataConfig(source="generator", task="experts.tasks:echo_samples", size=200, heldout=40)):
+        heldout = {prompt_key(s) for s in load_samples(cfg, "heldout")}
+        fresh = fresh_samples(cfg, 50, seed=123_456, exclude=heldout)
+        assert len(fresh) == len({prompt_key(s) for s in fresh}) == 50 and not {prompt_key(s) for s in fresh} & heldout
+        assert fresh == fresh_samples(cfg, 50, seed=123_456, exclude=heldout)  # fixed by the seed
+        assert fresh != fresh_samples(cfg, 50, seed=987_654, exclude=heldout)
+
+
+def test_fresh_samples_need_a_generator_and_enough_prompts_outside_the_heldout(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(ValueError, match="source 'jsonl' cannot make new samples"):
+        fresh_samples(DataConfig(source="jsonl", path=str(f)), 1, seed=0)
+    # one digit: 9 distinct prompts; with 3 excluded, 6 can be made and a 7th cannot
+    one = DataConfig(source="generator", task="experts.tasks:echo_samples", task_args={"digits": 1}, heldout=3)
+    held = {prompt_key(s) for s in load_samples(one, "heldout")}
+    assert len(fresh_samples(one, 6, seed=0, exclude=held)) == 6
+    with pytest.raises(UserError, match=r"echo_samples made only 6 new prompts \(not held out\) of 448"):
+        fresh_samples(one, 7, seed=0, exclude=held)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import experts.data
+
+    assert doctest.testmod(experts.data).failed == 0
 
 
 def test_generator_must_be_importable():
