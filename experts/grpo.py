@@ -3,7 +3,9 @@
 Set-up (samples, prompt plan, actors), one loop of steps, save. Each step:
 
     generate  rollout actors sample G responses per prompt (agent prompts: sandbox episodes)
-    score     reward actors score them (`rewards.RewardSpec`); overlong shaping; group advantages
+    score     reward actors score them (`rewards.RewardSpec`); overlong shaping; group advantages;
+              with dynamic sampling, more prompts are generated and scored while too few groups are
+              informative (`rollout_groups`; which prompts: `PromptPlan`)
     train     epochs x mini-batches of clipped updates, each token weighted by truncated IS when the
               rollout engine differs from the learner (old log-probs get their own forward pass
               only when there is more than one update per batch: with one, they are the update's own)
@@ -17,18 +19,24 @@ and `ReferencePolicy` (here; the reference is skipped when `kl_coef` is 0), `Ray
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import math
+import random
 from collections import defaultdict
-from typing import Literal
+from pathlib import Path
+from typing import Callable, Iterator, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
-from experts.data import DataConfig, load_samples
+from experts.data import GENERATING, DataConfig, fresh_samples, load_samples, prompt_key
 from experts.grpo_loss import (
+    KLEstimator,
     LossAgg,
+    RewardScale,
     entropy_from_logits,
     group_advantages,
     informative_groups,
@@ -45,8 +53,9 @@ from learner.config import LearnerConfig
 from learner.group import WorkerGroup
 from learner.optim import Optim
 from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps
-from pipeline.context import MODEL_DIR, StageContext, timer
+from pipeline.context import MODEL_DIR, StageContext, atomic_write_text, timer
 from rewards import CombinedReward, RewardResult, RewardSpec
+from rewards.combine import reward_failed
 from rollout.config import AgentConfig, RolloutConfig
 from rollout.sync import sync_weights
 from rollout.turns import render_prompt
@@ -79,14 +88,33 @@ class Config(StageConfig):
     micro_batch_size: BatchSize = Field(16, description="Sequences per forward/backward (gradient accumulation inside a mini-batch).")
     clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio floor 1 - clip_low for negative advantages (PPO's epsilon).")
     clip_high: float = Field(0.28, ge=0, description="Ratio ceiling 1 + clip_high for positive advantages (DAPO clip-higher: above clip_low).")
-    kl_coef: float = Field(0.0, ge=0, le=1000, description="Weight of the k3 KL to the reference; 0 (DAPO, Dr. GRPO) skips the reference actor.")
+    kl_coef: float = Field(0.0, ge=0, le=1000, description="Weight of the KL-to-reference term (kl_estimator); 0 (DAPO, Dr. GRPO) skips the reference actor.")
+    kl_estimator: KLEstimator = Field(
+        "k2", description="Per-token KL term: k2 = (log pi - log ref)^2 / 2, whose expected gradient is that of "
+        "KL(pi || ref); k3 (DeepSeekMath's) has the gradient of the reverse KL(ref || pi); k1 = log pi - log ref has "
+        "none (Tang & Munos 2025). The `kl` metric is the chosen estimator's mean.")
     loss_agg: LossAgg = Field("token_mean", description="token_mean (DAPO): every response token weighs the same; seq_mean: mean per response, then over responses (GRPO).")
-    scale_adv_by_std: bool = Field(True, description="Divide group-centred rewards by the group std (GRPO); False is Dr. GRPO.")
-    dynamic_sampling: bool = Field(True, description="Drop groups whose G rewards are all equal (no signal); DAPO.")
+    scale_rewards: RewardScale = Field(
+        "group", description="Group-centred rewards divided by: group: the group's std (GRPO); batch: the std of "
+        "every reward the step trains on (robust when a group's rewards differ only slightly); none: nothing (Dr. GRPO).")
+    tie_tolerance: float = Field(1e-6, ge=0, le=1000, description="Rewards of a group within this of each other are "
+                                 "tied: no signal, advantage 0 (dropped by dynamic_sampling); raise it for a noisy "
+                                 "continuous reward (a reward model).")
+    dynamic_sampling: bool = Field(True, description="Train only on informative groups (rewards not all tied); DAPO.")
+    max_refill_calls: int = Field(2, ge=0, le=100, description="dynamic_sampling: extra generate calls per step on "
+                                  "new prompts while fewer than prompts_per_step groups are informative (DAPO's "
+                                  "re-sampling); 0 only drops.")
+    fresh_prompts: bool = Field(False, description="Each step draws new problems from the data's generators (source "
+                                "generator or reasoning_gym; seeds from data.seed and the step; never a held-out "
+                                "prompt) instead of walking the fixed train split.")
+    skip_uninformative_after: int = Field(0, ge=0, le=1_000_000, description="Retire a prompt whose group was tied "
+                                          "(all solved or all failed) in each of its last k appearances: later draws "
+                                          "pass it over and the next prompt takes its place. 0: off.")
     overlong: Literal["none", "penalty", "filter"] = Field(
-        "filter", description="Responses cut by max_new_tokens: filter masks them out of the loss; penalty adds DAPO's soft length penalty.")
-    overlong_buffer: int = Field(16, ge=1, le=MAX_TOKENS, description="penalty: the last N tokens before max_new_tokens ramp the penalty from 0 to overlong_penalty.")
-    overlong_penalty: float = Field(1.0, ge=0, le=1000, description="penalty: reward lost by a response of max_new_tokens tokens.")
+        "filter", description="Responses cut by their budget (a single turn's domain max_new_tokens, an agent episode's "
+        "agent.max_total_tokens): filter masks them out of the loss; penalty adds DAPO's soft length penalty.")
+    overlong_buffer: int = Field(16, ge=1, le=MAX_TOKENS, description="penalty: the last N tokens before the budget ramp the penalty from 0 to overlong_penalty.")
+    overlong_penalty: float = Field(1.0, ge=0, le=1000, description="penalty: reward lost by a response that uses its whole budget.")
     save_every: Steps = Field(50, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Workers, sharding and dtype of the "
@@ -96,10 +124,26 @@ class Config(StageConfig):
     reward_cpus: float = Field(0.25, gt=0, le=4096, description="CPUs each reward actor reserves.")
     probe_prompts: int = Field(4, ge=1, le=1024, description="Prompts in the probe batch that checks each weight sync.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "scale_adv_by_std" in data:
+            new = "group" if data["scale_adv_by_std"] else "none"
+            raise ValueError(f"scale_adv_by_std is now scale_rewards (group, batch or none): write scale_rewards: {new}")
+        return data
+
     @field_validator("data", mode="before")
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, (dict, DataConfig)) else v
+
+    @model_validator(mode="after")
+    def _fresh_needs_generators(self):
+        for i, d in enumerate(self.data if self.fresh_prompts else []):
+            if d.source not in GENERATING:
+                raise ValueError(f"fresh_prompts: data.{i} has source {d.source!r}, which cannot make new problems; "
+                                 f"use source {' or '.join(GENERATING)}, or fresh_prompts: false")
+        return self
 
     @model_validator(mode="after")
     def _rollout_fits(self):
@@ -148,7 +192,8 @@ def collate_rollouts(rollouts: list[Rollout], advantages: list[float], pad_id: i
 
 
 def grpo_loss(model, mb: dict[str, torch.Tensor], *, temperature: float, clip_low: float, clip_high: float,
-              loss_agg: LossAgg, kl_coef: float, tis_cap: float | None) -> tuple[torch.Tensor, dict[str, float]]:
+              loss_agg: LossAgg, kl_coef: float, tis_cap: float | None,
+              kl_estimator: KLEstimator = "k2") -> tuple[torch.Tensor, dict[str, float]]:
     """The learner objective: the clipped surrogate summed over the micro-batch (the group divides by the
     mini-batch's tokens or sequences), with token-weighted sums of its statistics.
 
@@ -167,7 +212,8 @@ def grpo_loss(model, mb: dict[str, torch.Tensor], *, temperature: float, clip_lo
     old = cut["old_logp"] if "old_logp" in cut else logp.detach()
     w = truncated_is_weights(old, cut["rollout_logp"], tis_cap) if tis_cap is not None else None
     loss, st = policy_loss(logp, old, mb["advantages"], m, clip_low, clip_high, loss_agg,
-                           ref_logp=cut.get("ref_logp"), kl_coef=kl_coef, normaliser=1.0, is_weights=w)
+                           ref_logp=cut.get("ref_logp"), kl_coef=kl_coef, normaliser=1.0, is_weights=w,
+                           kl_estimator=kl_estimator)
     n = float(m.sum())
     with torch.no_grad():
         ent = float((entropy_from_logits(logits[:, :-1].detach(), temperature) * m).sum())
@@ -235,7 +281,7 @@ class GRPOLearner:
             full["ref_logp"] = ref_logp
         objective = functools.partial(grpo_loss, temperature=cfg.rollout.temperature, clip_low=cfg.clip_low,
                                       clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef,
-                                      tis_cap=cfg.rollout.cap())
+                                      tis_cap=cfg.rollout.cap(), kl_estimator=cfg.kl_estimator)
         B = batch["input_ids"].shape[0]
         g = torch.Generator().manual_seed(self.seed * 7919 + self.step)
         sums: dict[str, float] = defaultdict(float)
@@ -276,32 +322,214 @@ class GRPOLearner:
         self.group.close()
 
 
-def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], cfg: Config) -> tuple[list[int], list[float], dict]:
-    """Turn rewards into per-rollout advantages; returns (kept rollout indices, their advantages, metrics).
+Signal = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # rewards [groups, G], counted [groups, G], informative [groups]
 
-    Rollouts arrive grouped (G consecutive per prompt). Overlong shaping applies first, then group
-    advantages; with dynamic sampling, groups whose rewards are all equal are dropped.
+
+def token_budget(rollout: Rollout, cfg: Config) -> int:
+    """The tokens a rollout may use after its prompt: an agent episode's total, else its domain's max_new_tokens."""
+    return cfg.agent.max_total_tokens if rollout.episode is not None else cfg.rollout.for_domain(rollout.domain).max_new_tokens
+
+
+def group_signal(rollouts: list[Rollout], results: list[RewardResult], cfg: Config) -> Signal:
+    """Per group (G consecutive rollouts per prompt): its rewards after overlong shaping, which of them
+    count (the reward did not fail: `rewards.combine.reward_failed`), and whether it is informative
+    (at least 2 counted rewards, not all within `tie_tolerance`).
+
+    DAPO's overlong penalty compares each response with its own budget (`token_budget`).
     """
     G = cfg.rollout.group_size
     rewards = torch.tensor([r.score for r in results], dtype=torch.float)
-    lengths = torch.tensor([sum(r.loss_mask) for r in rollouts])
-    truncated = torch.tensor([not r.finished for r in rollouts])
     if cfg.overlong == "penalty":
-        rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-    groups = rewards.view(-1, G)
-    adv = group_advantages(groups, cfg.scale_adv_by_std).flatten()
-    keep_group = informative_groups(groups) if cfg.dynamic_sampling else torch.ones(groups.shape[0], dtype=torch.bool)
-    keep = keep_group.repeat_interleave(G)
+        used = torch.tensor([len(r.response_ids) for r in rollouts])  # forced and tool tokens use the budget too
+        budgets = torch.tensor([token_budget(r, cfg) for r in rollouts])
+        rewards = rewards + overlong_penalty(used, budgets, cfg.overlong_buffer, cfg.overlong_penalty)
+    counted = torch.tensor([not reward_failed(r) for r in results], dtype=torch.bool).view(-1, G)
+    rewards = rewards.view(-1, G)
+    return rewards, counted, informative_groups(rewards, counted, cfg.tie_tolerance)
+
+
+def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], cfg: Config) -> tuple[list[int], list[float], dict]:
+    """The rows to train on and their advantages; returns (kept rollout indices, their advantages, metrics).
+
+    A sample whose reward failed counts nowhere: not in its group's mean and std, not in the loss
+    (a made-up 0 would teach the policy something false); a group with fewer than 2 counted samples
+    trains nothing. With dynamic sampling only informative groups train, the first
+    `prompts_per_step` of them; a tied group's advantages are 0. `overlong: filter` then drops the
+    responses that ran out of budget (`finished` False).
+    """
+    rewards, counted, informative = group_signal(rollouts, results, cfg)
+    if cfg.dynamic_sampling:
+        train = informative & (informative.cumsum(0) <= cfg.prompts_per_step)
+    else:
+        train = counted.sum(-1) >= 2
+    rows = counted & train[:, None]
+    adv = (group_advantages(rewards, cfg.scale_rewards, rows) * informative[:, None]).flatten()
+    keep = rows.flatten()
+    lengths = torch.tensor([sum(r.loss_mask) for r in rollouts])
+    truncated = torch.tensor([not r.finished for r in rollouts], dtype=torch.bool)
     if cfg.overlong == "filter":
         keep &= ~truncated
     idx = keep.nonzero().flatten().tolist()
+    scored = rewards[counted]
     metrics = {
-        "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-        "groups/zero_variance_dropped": float((~keep_group).sum()), "groups/total": float(groups.shape[0]),
-        "response/length_mean": float(lengths.float().mean()), "response/length_max": float(lengths.max()),
-        "response/truncated_frac": float(truncated.float().mean()), "rollouts/trained": float(len(idx)),
+        "reward/mean": float(scored.mean()) if len(scored) else 0.0,
+        "reward/std": float(scored.std()) if len(scored) > 1 else 0.0,
+        "groups/total": float(len(rewards)), "groups/informative": float((train & informative).sum()),
+        "groups/zero_variance_dropped": float(((counted.sum(-1) >= 2) & ~informative).sum()) if cfg.dynamic_sampling else 0.0,
+        "rollouts/reward_failed": float((~counted).sum()), "rollouts/trained": float(len(idx)),
+        "response/length_mean": float(lengths.float().mean()) if len(lengths) else 0.0,
+        "response/length_max": float(lengths.max()) if len(lengths) else 0.0,
+        "response/truncated_frac": float(truncated.float().mean()) if len(truncated) else 0.0,
     }
     return idx, [float(adv[i]) for i in idx], metrics
+
+
+def rollout_groups(cfg: Config, take: Callable[[int], list[dict]], generate: Callable[[list[dict], int], list[Rollout]],
+                   score: Callable[[list[Rollout]], list[RewardResult]], times: dict[str, float]
+                   ) -> tuple[list[Rollout], list[RewardResult], dict[str, float]]:
+    """A step's groups, scored: G rollouts for each of `take(prompts_per_step)`'s prompts; then, with
+    dynamic sampling, up to `max_refill_calls` more generate calls on the prompts `take` gives next,
+    while fewer than prompts_per_step groups are informative (DAPO's re-sampling).
+
+    take(n): the step's next n prompts (`StepPrompts.take`); generate(prompts, call): their rollouts,
+    grouped (call 0 is the step's own prompts, 1.. the refills); score(rollouts): their results.
+    A refill asks for the missing groups over the informative share so far (at most, and when none
+    was informative, prompts_per_step prompts). Generating and scoring are timed as `generate` and
+    `score`, refills included.
+    """
+    P, G = cfg.prompts_per_step, cfg.rollout.group_size
+    rollouts: list[Rollout] = []
+    results: list[RewardResult] = []
+    prompts, calls, drawn = take(P), 0, 0
+    while prompts:
+        with timer("generate", times):
+            new = generate(prompts, calls)
+        with timer("score", times):
+            results += score(new)
+            for r in new:
+                r.group += len(rollouts) // G  # numbered over the whole step
+            rollouts += new
+            informative = group_signal(rollouts, results, cfg)[2]
+        missing = P - int(informative.sum())
+        if not cfg.dynamic_sampling or calls == cfg.max_refill_calls or missing <= 0:
+            break
+        share = float(informative.float().mean())
+        prompts = take(min(P, math.ceil(missing / share)) if share else P)
+        calls += bool(prompts)
+        drawn += len(prompts)
+    return rollouts, results, {"refill/generate_calls": float(calls), "refill/groups_drawn": float(drawn)}
+
+
+class StepPrompts:
+    """One step's supply of prompts, in order: `take(n)` gives the next n not retired; `skipped` counts
+    the retired ones passed over."""
+
+    def __init__(self, candidates: Iterator[dict], retired: Callable[[dict], bool]):
+        self.candidates, self.retired, self.skipped = candidates, retired, 0
+
+    def take(self, n: int) -> list[dict]:
+        out: list[dict] = []
+        while len(out) < n and (s := next(self.candidates, None)) is not None:
+            if self.retired(s):
+                self.skipped += 1
+            else:
+                out.append(s)
+        return out
+
+
+class PromptPlan:
+    """Which prompts each step draws: a function of the seed, the step and the retirement history, so resumable.
+
+    A step's supply (`supply(step)`), in order: its entries of the fixed plan over the train split
+    (`batch_plan`), then the rest of the split in an order of the step's own (what refills draw:
+    never the step's own prompts). With `fresh_prompts`, new problems instead: chunks of
+    prompts_per_step from the data's generators (`fresh_samples`; seeds from each source's seed, the
+    step and the chunk; sources picked in proportion to `size`; never a held-out prompt), enough for
+    every generate call of the step even when half are retired. `skip_uninformative_after: k` retires
+    a prompt after k tied groups in a row; the history goes beside each checkpoint (`save`).
+    """
+
+    def __init__(self, cfg: Config, samples: list[dict], seed: int, history: dict[str, int] | None = None):
+        self.cfg, self.samples, self.seed = cfg, samples, seed
+        fresh = cfg.fresh_prompts
+        self.plan = [] if fresh else batch_plan(len(samples), cfg.prompts_per_step, cfg.steps, seed)
+        self.heldout = [{prompt_key(s) for s in load_samples(d, "heldout")} for d in cfg.data] if fresh else []
+        self.streaks: dict[str, int] = dict(history or {})  # prompt hash -> tied groups in a row, up to now
+
+    def supply(self, step: int) -> StepPrompts:
+        return StepPrompts(self._candidates(step), self.retired)
+
+    def retired(self, sample: dict) -> bool:
+        k = self.cfg.skip_uninformative_after
+        return k > 0 and self.streaks.get(_prompt_hash(sample), 0) >= k
+
+    def record(self, rollouts: list[Rollout], results: list[RewardResult], supply: StepPrompts) -> dict[str, float]:
+        """Note which prompts' groups were tied this step; metrics (none when retiring is off): `prompts/skipped`
+        (retired prompts the step's supply passed over), `prompts/retired` (all retired so far)."""
+        if not self.cfg.skip_uninformative_after:
+            return {}
+        _, counted, informative = group_signal(rollouts, results, self.cfg)
+        enough = (counted.sum(-1) >= 2).tolist()
+        for g, useful in enumerate(informative.tolist()):
+            key = _prompt_hash(rollouts[g * self.cfg.rollout.group_size].sample)
+            if useful:
+                self.streaks.pop(key, None)
+            elif enough[g]:  # a group of failed rewards says nothing about the prompt
+                self.streaks[key] = self.streaks.get(key, 0) + 1
+        k = self.cfg.skip_uninformative_after
+        return {"prompts/skipped": float(supply.skipped), "prompts/retired": float(sum(n >= k for n in self.streaks.values()))}
+
+    def save(self, checkpoint_dir: Path, step: int) -> None:
+        """Write the history as of `step` beside checkpoint step_<step> (before it: the checkpoint publishes the
+        step), and drop the files of checkpoints no longer kept."""
+        if not self.cfg.skip_uninformative_after:
+            return
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for f in checkpoint_dir.glob("prompt_history_step_*.json"):
+            n = int(f.stem.rsplit("_", 1)[1])
+            if n != step and not (checkpoint_dir / f"step_{n}").exists():
+                f.unlink()
+        atomic_write_text(_history_file(checkpoint_dir, step), json.dumps(self.streaks))
+
+    @staticmethod
+    def history(checkpoint: Path) -> dict[str, int] | None:
+        """The history saved with `checkpoint` (.../step_N), or None."""
+        f = _history_file(checkpoint.parent, checkpoint_step(checkpoint))
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def _candidates(self, step: int) -> Iterator[dict]:
+        if self.cfg.fresh_prompts:
+            for chunk in range(2 * (1 + self.cfg.max_refill_calls)):
+                yield from self._fresh(step, chunk)
+            return
+        own = self.plan[step]
+        yield from (self.samples[i] for i in own)
+        rng, seen = random.Random(f"{self.seed}:refill:{step}"), set(own)
+        while len(seen) < len(self.samples):  # a lazy shuffle of the rest: a refill rarely needs much of it
+            i = rng.randrange(len(self.samples))
+            if i not in seen:
+                seen.add(i)
+                yield self.samples[i]
+
+    def _fresh(self, step: int, chunk: int) -> list[dict]:
+        data, P = self.cfg.data, self.cfg.prompts_per_step
+        picks = random.Random(f"{self.seed}:fresh:{step}:{chunk}").choices(range(len(data)), [d.size for d in data], k=P)
+        made = {i: iter(fresh_samples(d, picks.count(i), _derived_seed(d.seed, step, chunk), self.heldout[i]))
+                for i, d in enumerate(data) if i in picks}
+        return [next(made[i]) for i in picks]
+
+
+def _history_file(checkpoint_dir: Path, step: int) -> Path:
+    return checkpoint_dir / f"prompt_history_step_{step}.json"
+
+
+def _prompt_hash(sample: dict) -> str:
+    return hashlib.sha1(prompt_key(sample).encode()).hexdigest()[:16]
+
+
+def _derived_seed(seed: int, step: int, chunk: int) -> int:
+    """A generator seed for (data seed, step, chunk), in [0, 2^32)."""
+    return int(hashlib.sha256(f"{seed}:{step}:{chunk}".encode()).hexdigest()[:8], 16)
 
 
 def pass_rate(spec: RewardSpec, results: list[RewardResult]) -> dict[str, float]:
@@ -328,9 +556,12 @@ def run(cfg: Config, ctx: StageContext) -> None:
     model_path = str(ctx.model_path(cfg.model))
     tok = load_tokenizer(model_path)
     samples = [s for d in cfg.data for s in load_samples(d, "train")]
-    plan = batch_plan(len(samples), cfg.prompts_per_step, cfg.steps, ctx.seed)
     probe = probe_rows(tok, samples, cfg)
     resume = latest_checkpoint(ctx.checkpoint_dir)
+    history = PromptPlan.history(resume) if resume else None
+    if resume and cfg.skip_uninformative_after and history is None:
+        log.warning("no prompt history beside %s: skip_uninformative_after starts counting afresh", resume.name)
+    plan = PromptPlan(cfg, samples, ctx.seed, history)
     learner = GRPOLearner(model_path, cfg, str(resume) if resume else None, ctx.seed)
     workers: list = []
     ref = scorer = None
@@ -344,7 +575,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
             scorer = RayRewardPool(cfg.rewards, cfg.reward_workers, ctx.model_path, num_cpus=cfg.reward_cpus)
         else:
             scorer = CombinedReward(cfg.rewards, ctx.model_path)
-        _train(cfg, ctx, learner, workers, ref, scorer, samples, plan, probe, tok, resume)
+        _train(cfg, ctx, learner, workers, ref, scorer, plan, probe, tok, resume)
     finally:  # a failed stage leaves no actors holding the cluster's CPUs
         stop_workers(workers)
         for group in (learner, ref):
@@ -355,7 +586,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
 
 
 def _train(cfg: Config, ctx: StageContext, learner: GRPOLearner, workers: list, ref: ReferencePolicy | None, scorer,
-           samples: list[dict], plan: list[list[int]], probe: list[list[int]], tok, resume) -> None:
+           plan: PromptPlan, probe: list[list[int]], tok, resume) -> None:
     """The loop of steps (generate, score, train, sync), then the final model."""
     ro = cfg.rollout
     start = learner.step
@@ -363,20 +594,24 @@ def _train(cfg: Config, ctx: StageContext, learner: GRPOLearner, workers: list, 
         truncate_metrics(ctx.out_dir, start)
         log.info("resuming %s from %s (step %d of %d)", ctx.name, resume.name, start, cfg.steps)
     sync_weights(learner.group, workers, probe, ro.sync_bucket_mb)  # rollout workers get the (resumed) learner weights
-    log.info("grpo %s: %d prompts, %d steps of %d prompts x G=%d", ctx.name, len(samples), cfg.steps,
-             cfg.prompts_per_step, ro.group_size)
+    log.info("grpo %s: %s, %d steps of %d prompts x G=%d", ctx.name,
+             "fresh prompts" if cfg.fresh_prompts else f"{len(plan.samples)} prompts", cfg.steps, cfg.prompts_per_step,
+             ro.group_size)
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=ctx.name, mininterval=2.0)
     for step in bar:
         times: dict[str, float] = {}
-        batch_samples = [samples[i] for i in plan[step]]
-        with timer("generate", times):
-            rollouts = generate_on(workers, batch_samples, step)
+        supply = plan.supply(step)
+        rollouts, results, m = rollout_groups(
+            cfg, supply.take,
+            lambda prompts, call: generate_on(workers, prompts, step + call * cfg.steps),  # each call its own seed
+            lambda rs: scorer([r.reward_sample() for r in rs]), times)
         with timer("score", times):
-            results = scorer([r.reward_sample() for r in rollouts])
-            keep, adv, m = score_and_advantages(rollouts, results, cfg)
+            keep, adv, more = score_and_advantages(rollouts, results, cfg)
+            m.update(more)
             m.update(scorer.metrics(results) if hasattr(scorer, "metrics") else {})
             m.update(pass_rate(cfg.rewards, results))
+            m.update(plan.record(rollouts, results, supply))
         with timer("train", times):
             batch = collate_rollouts([rollouts[i] for i in keep], adv, tok.pad_token_id) if keep else None
             ref_logp = ref.logprobs(batch) if ref is not None and batch is not None else None
@@ -389,5 +624,6 @@ def _train(cfg: Config, ctx: StageContext, learner: GRPOLearner, workers: list, 
         ctx.log_metrics(step + 1, {**m, **times})
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m.get('kl', 0):.3f}", len=f"{m['response/length_mean']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            plan.save(ctx.checkpoint_dir, step + 1)
             learner.save(str(ctx.checkpoint_dir))
     learner.save_final(str(ctx.out_dir / MODEL_DIR))

@@ -1,4 +1,4 @@
-"""GRPO's math as pure functions: group advantages, the clipped policy loss, k3 KL, entropy.
+"""GRPO's math as pure functions: group advantages, the clipped policy loss, KL estimators, entropy.
 
 Shapes: B sequences, T positions (the response tokens of each row, right-padded), V vocabulary,
 G samples per prompt. Every per-token tensor comes with a `mask` [B, T] (1.0 where the token is
@@ -8,59 +8,96 @@ References:
 - GRPO: Shao et al. 2024, "DeepSeekMath" (group-normalised advantages, k3 KL in the loss).
 - Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training" (drop the std division).
 - DAPO: Yu et al. 2025 (token-level aggregation, clip-higher, dynamic sampling, overlong shaping).
-- k3 estimator: Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html
+- k1/k2/k3 estimators: Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html;
+  as loss terms: Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL", and
+  Zhang et al. 2025, "On the design of KL-regularized policy gradient algorithms for LLM reasoning".
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
 LossAgg = Literal["token_mean", "seq_mean"]
+RewardScale = Literal["group", "batch", "none"]
+KLEstimator = Literal["k1", "k2", "k3"]
 
 
-def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Each sample's reward relative to its group: `(r - mean) / (std + eps)`.  [groups, G] -> [groups, G]
+def group_advantages(rewards: torch.Tensor, scale: RewardScale = "group", mask: torch.Tensor | None = None,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Each sample's reward relative to its group's mean, scaled.  [groups, G] -> [groups, G]
 
-    `scale_by_std=False` is Dr. GRPO's estimator (Liu et al. 2025, sec. 3.1): dividing by the
-    group's std up-weights near-solved and near-failed prompts, a difficulty bias; verl exposes
-    the same choice as `norm_adv_by_std_in_grpo`. std is the unbiased one, as in DeepSeekMath and verl.
+    scale: `group` divides by the group's std, `(r - mean) / (std + eps)` (GRPO); `batch` by the std
+    of every counted reward of the batch (TRL's `scale_rewards="batch"`, as in REINFORCE++): a group
+    whose rewards differ only by a little (a 0.1-weight format reward while the checker ties) keeps
+    small advantages instead of being blown up to +-1; `none` leaves them centred (Dr. GRPO, Liu et
+    al. 2025, sec. 3.1: the group std up-weights near-solved and near-failed prompts, a difficulty bias).
+    std is the unbiased one, as in DeepSeekMath, verl and TRL.
+
+    mask [groups, G] (bool): the samples that count; the others (a reward that failed to score) are
+    left out of the mean and std and get advantage 0. A group with fewer than 2 counted samples gets 0.
 
     >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]))  # mean 0.5, std 0.577
     tensor([[ 0.8660, -0.8660, -0.8660,  0.8660]])
-    >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), scale_by_std=False)
+    >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), scale="none")
     tensor([[ 0.5000, -0.5000, -0.5000,  0.5000]])
+    >>> group_advantages(torch.tensor([[1.0, 0.0, 9.0]]), mask=torch.tensor([[True, True, False]]))
+    tensor([[ 0.7071, -0.7071,  0.0000]])
     """
-    mean = rewards.mean(dim=-1, keepdim=True)
-    centred = rewards - mean
-    if not scale_by_std:
+    m = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool()
+    w = m.to(rewards.dtype)
+    n = w.sum(-1, keepdim=True)
+    mean = (rewards * w).sum(-1, keepdim=True) / n.clamp(min=1)
+    centred = (rewards - mean) * w * (n >= 2)
+    if scale == "none":
         return centred
-    std = rewards.std(dim=-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    if scale == "group":
+        std = ((centred**2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    elif scale == "batch":
+        counted = rewards[m]
+        std = counted.std() if counted.numel() > 1 else rewards.new_zeros(())
+    else:
+        raise ValueError(f"unknown reward scaling {scale!r}")
     return centred / (std + eps)
 
 
-def informative_groups(rewards: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
-    """Groups whose rewards are not all equal.  [groups, G] -> bool [groups]
+def informative_groups(rewards: torch.Tensor, mask: torch.Tensor | None = None, tol: float = 1e-6) -> torch.Tensor:
+    """Groups with at least 2 counted samples whose rewards are not all tied (spread above `tol`).
+    [groups, G] -> bool [groups]
 
     A group where every sample scores the same has zero advantage everywhere, so it adds no
-    gradient, only noise in the normalisation; DAPO's dynamic sampling drops such groups.
+    gradient, only noise in the normalisation; DAPO's dynamic sampling drops such groups. `mask`
+    as in `group_advantages`: uncounted samples neither break nor make a tie.
 
     >>> informative_groups(torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]))
     tensor([False,  True, False])
+    >>> informative_groups(torch.tensor([[0.0, 1.0, 1.0]]), mask=torch.tensor([[False, True, True]]))
+    tensor([False])
     """
-    return (rewards.max(dim=-1).values - rewards.min(dim=-1).values) > tol
+    m = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool()
+    hi = rewards.masked_fill(~m, -math.inf).max(dim=-1).values
+    lo = rewards.masked_fill(~m, math.inf).min(dim=-1).values
+    return (m.sum(-1) >= 2) & (hi - lo > tol)
 
 
-def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, max_len: int | torch.Tensor, buffer: int,
+                     penalty: float = 1.0) -> torch.Tensor:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward.  [B] -> [B]
 
-    0 up to `max_len - buffer` tokens, then falling linearly to `-penalty` at `max_len`.
+    0 up to `max_len - buffer` tokens, then falling linearly to `-penalty` at `max_len`. `max_len`
+    may be one budget per sample ([B]: an agent episode's and each domain's own); where a budget is
+    shorter than `buffer`, the ramp spans the whole budget.
 
     >>> overlong_penalty(torch.tensor([10, 12, 14, 16]), max_len=16, buffer=4)
     tensor([ 0.0000,  0.0000, -0.5000, -1.0000])
+    >>> overlong_penalty(torch.tensor([14, 14, 2]), max_len=torch.tensor([16, 64, 4]), buffer=4)
+    tensor([-0.5000,  0.0000, -0.5000])
     """
-    over = (lengths.float() - (max_len - buffer)).clamp(min=0) / max(buffer, 1)
+    max_len = torch.as_tensor(max_len, dtype=torch.float)
+    start = (max_len - buffer).clamp(min=0)
+    over = (lengths.float() - start).clamp(min=0) / (max_len - start).clamp(min=1)
     return 0.0 - penalty * over.clamp(max=1.0)  # 0.0 - x, so no -0.0
 
 
@@ -139,17 +176,30 @@ def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) by the k3 estimator: `exp(r) - r - 1` with `r = ref_logp - logp`.  [B, T]
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k2") -> torch.Tensor:
+    """Per-token KL-to-reference term from log pi and log ref of the sampled tokens.  [B, T] -> [B, T]
 
-    Unbiased for samples from pi and never negative (Schulman 2020); DeepSeekMath eq. 4.
-    The log-ratio is clamped to [-20, 20] as verl does, so one wild token cannot overflow exp.
+    With d = logp - ref_logp (Schulman 2020's estimators of KL(pi || ref) for tokens sampled from pi):
+      k1 = d             unbiased value; as a loss its expected gradient is 0: it regularises nothing
+      k2 = d^2 / 2       biased value, but its expected gradient is exactly that of KL(pi || ref)
+      k3 = e^-d + d - 1  unbiased, never negative value (DeepSeekMath eq. 4, verl's `low_var_kl`);
+                         as a loss its expected gradient is that of the other direction, KL(ref || pi)
+    (Tang & Munos 2025; Zhang et al. 2025). d is clamped to [-20, 20] as verl does, so one wild
+    token cannot overflow exp.
 
-    >>> k3_kl(torch.tensor([0.0, 0.0]), torch.tensor([0.0, -1.0]))  # e^-1 + 1 - 1 = 0.3679
+    >>> kl_penalty(torch.tensor([0.0, 0.0]), torch.tensor([0.0, -1.0]), "k3")  # e^-1 + 1 - 1 = 0.3679
     tensor([0.0000, 0.3679])
+    >>> kl_penalty(torch.tensor([0.0, 0.0]), torch.tensor([0.0, -1.0]), "k2")
+    tensor([0.0000, 0.5000])
     """
-    r = (ref_logp - logp).clamp(-20.0, 20.0)
-    return r.exp() - r - 1.0
+    d = (logp - ref_logp).clamp(-20.0, 20.0)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(-d) + d - 1.0
+    raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, how: LossAgg, normaliser: float | None = None) -> torch.Tensor:
@@ -210,19 +260,21 @@ def policy_loss(
     kl_coef: float = 0.0,
     normaliser: float | None = None,
     is_weights: torch.Tensor | None = None,
+    kl_estimator: KLEstimator = "k2",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO's clipped surrogate with an optional k3 KL penalty; returns (loss, detached stats).
+    """GRPO's clipped surrogate with an optional KL-to-reference penalty; returns (loss, detached stats).
 
     logp, old_logp, mask, ref_logp: [B, T]; advantages: [B] (one per sequence, broadcast over
     its tokens) or [B, T]. Per token, with ratio = exp(logp - old_logp):
 
-        pg = w * max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) + kl_coef * k3(logp, ref)
+        pg = w * max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) + kl_coef * kl(logp, ref)
 
-    where w is the truncated importance weight (`is_weights`, [B, T]; 1 when None).
+    where w is the truncated importance weight (`is_weights`, [B, T]; 1 when None) and kl the
+    `kl_estimator` (`kl_penalty`).
 
     Asymmetric clipping is DAPO's clip-higher: a larger `clip_high` lets low-probability tokens
     with positive advantage grow, which keeps entropy from collapsing. stats: `clip_frac` (tokens
-    where the clipped branch is taken), `kl` (mean k3), `ratio_mean`, all over unmasked tokens.
+    where the clipped branch is taken), `kl` (mean of the estimator), `ratio_mean`, all over unmasked tokens.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
@@ -232,7 +284,7 @@ def policy_loss(
     per_token = torch.maximum(unclipped, clipped)
     if is_weights is not None:
         per_token = per_token * is_weights
-    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    kl = kl_penalty(logp, ref_logp, kl_estimator) if ref_logp is not None else torch.zeros_like(logp)
     if ref_logp is not None and kl_coef:
         per_token = per_token + kl_coef * kl
     loss = aggregate(per_token, mask, agg, normaliser)

@@ -53,11 +53,34 @@ def test_grpo_raises_heldout_reward(echo, ray_session, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 41))
     for key in ("reward/mean", "reward/std", "reward/math", "pass_rate/math", "kl", "entropy", "clip_frac",
-                "response/length_mean", "groups/zero_variance_dropped", "logp_gap/rollout_vs_learner",
+                "response/length_mean", "groups/zero_variance_dropped", "groups/informative", "refill/generate_calls",
+                "refill/groups_drawn", "rollouts/reward_failed", "logp_gap/rollout_vs_learner",
                 "sync/probe_logp_gap", "time/generate", "time/score", "time/train"):
         assert key in lines[-1], key
+    # dynamic sampling refilled the steps that came up short, and never trained more than 16 groups
+    assert sum(m["refill/generate_calls"] for m in lines) > 0 and max(m["groups/informative"] for m in lines) <= 16
     assert lines[-1]["logp_gap/rollout_vs_learner"] < 1e-4  # HF rollout and learner agree (fp32)
     assert (tmp_path / "checkpoints" / "step_40" / "COMPLETE").exists()
+
+
+def test_fresh_prompts_refills_and_retired_prompts_on_the_real_stage(echo, ray_session, tmp_path):
+    """New echo problems every step, refills of tied groups, retiring with its history beside each checkpoint,
+    and the k3 estimator in the loss, through the real stage."""
+    data, sft, _ = echo
+    cfg = Config(model=str(sft), data=data, rewards=RewardSpec(weights={"math": 1.0}), steps=4, prompts_per_step=8,
+                 lr=5e-4, micro_batch_size=64, overlong="none", save_every=2, reward_workers=0, kl_coef=0.01,
+                 kl_estimator="k3", fresh_prompts=True, skip_uninformative_after=1, max_refill_calls=2,
+                 rollout=RolloutConfig(group_size=4, max_new_tokens=16))
+    run(cfg, StageContext("test", "grpo", tmp_path, seed=0))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    print("fresh prompts:", [{k: m[k] for k in ("groups/total", "groups/informative", "refill/generate_calls",
+                                                  "prompts/retired", "kl")} for m in lines])
+    assert len(lines) == 4 and all(m["groups/informative"] <= 8 and m["kl"] >= 0 for m in lines)
+    assert sum(m["refill/generate_calls"] for m in lines) > 0
+    assert lines[-1]["prompts/retired"] >= 1  # an echo of SFT quality solves some groups outright
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(f.name for f in ckpts.glob("prompt_history_*")) == ["prompt_history_step_2.json",
+                                                                      "prompt_history_step_4.json"]
 
 
 def test_stale_rollout_weights_are_caught(echo, monkeypatch):

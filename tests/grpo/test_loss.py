@@ -12,7 +12,7 @@ from experts.grpo_loss import (
     entropy_from_logits,
     group_advantages,
     informative_groups,
-    k3_kl,
+    kl_penalty,
     overlong_penalty,
     policy_loss,
     token_logprobs,
@@ -20,7 +20,12 @@ from experts.grpo_loss import (
 )
 
 
-def naive_loss(logp, old, adv, mask, lo, hi, agg, ref=None, beta=0.0):
+def naive_kl(logp, ref, estimator):
+    d = logp - ref
+    return {"k1": d, "k2": d * d / 2, "k3": math.exp(-d) + d - 1}[estimator]
+
+
+def naive_loss(logp, old, adv, mask, lo, hi, agg, ref=None, beta=0.0, estimator="k2"):
     """Token by token with Python floats: the definition, written out."""
     rows = []
     for b in range(logp.shape[0]):
@@ -32,8 +37,7 @@ def naive_loss(logp, old, adv, mask, lo, hi, agg, ref=None, beta=0.0):
             a = float(adv[b])
             term = max(-a * ratio, -a * min(max(ratio, 1 - lo), 1 + hi))
             if ref is not None:
-                r = float(ref[b, t] - logp[b, t])
-                term += beta * (math.exp(r) - r - 1)
+                term += beta * naive_kl(float(logp[b, t]), float(ref[b, t]), estimator)
             terms.append(term)
         rows.append(terms)
     if agg == "token_mean":
@@ -48,7 +52,66 @@ def test_group_advantages_hand_worked():
     torch.testing.assert_close(adv[0], torch.tensor([0.8660, -0.8660, -0.8660, 0.8660]), atol=1e-4, rtol=0)
     assert torch.equal(adv[1], torch.zeros(4))  # equal rewards: zero advantage, no NaN
     # Dr. GRPO: no std division, [3, 1] -> mean 2 -> [1, -1]
-    assert torch.equal(group_advantages(torch.tensor([[3.0, 1.0]]), scale_by_std=False), torch.tensor([[1.0, -1.0]]))
+    assert torch.equal(group_advantages(torch.tensor([[3.0, 1.0]]), scale="none"), torch.tensor([[1.0, -1.0]]))
+
+
+def test_batch_scaling_keeps_a_format_only_difference_small():
+    """Group 0 differs only by a 0.1-weight format reward (the checker ties), group 1 by the checker.
+
+    group: each group by its own std -> both +-0.8660: the format tie-break weighs as much as solving.
+      g0: mean 1.05, centred +-0.05, std sqrt(4 * 0.05^2 / 3) = 0.05774; g1: +-0.5 / 0.5774.
+    batch: one std over all 8 rewards: mean 6.2 / 8 = 0.775, squared deviations
+      2 x 0.225^2 + 2 x 0.325^2 + 2 x 0.775^2 + 2 x 0.225^2 = 1.615, / 7 -> std 0.48033;
+      g0: +-0.05 / 0.48033 = +-0.10410, g1: +-0.5 / 0.48033 = +-1.04096.
+    none: centred only, +-0.05 and +-0.5.
+    """
+    r = torch.tensor([[1.0, 1.1, 1.0, 1.1], [0.0, 1.0, 0.0, 1.0]])
+    sign = torch.tensor([-1.0, 1.0, -1.0, 1.0])
+    torch.testing.assert_close(group_advantages(r, "group"), torch.stack([sign * 0.8660, sign * 0.8660]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(group_advantages(r, "batch"), torch.stack([sign * 0.10410, sign * 1.04096]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(group_advantages(r, "none"), torch.stack([sign * 0.05, sign * 0.5]), atol=1e-6, rtol=0)
+
+
+def test_failed_rewards_leave_the_group_statistics():
+    """A masked-out (failed) reward is not in its group's mean or std, and gets advantage 0.
+
+    group 0: [1, 0, (9 failed), 0] -> counted {1, 0, 0}: mean 1/3, centred [2/3, -1/3, -1/3],
+      unbiased std sqrt((4/9 + 1/9 + 1/9) / 2) = 0.57735 -> [1.1547, -0.5774, 0, -0.5774].
+    group 1: one counted reward: nothing to compare it with -> all 0, and not informative.
+    """
+    r = torch.tensor([[1.0, 0.0, 9.0, 0.0], [5.0, 1.0, 7.0, 7.0]])
+    mask = torch.tensor([[True, True, False, True], [False, True, False, False]])
+    adv = group_advantages(r, "group", mask)
+    torch.testing.assert_close(adv, torch.tensor([[1.1547, -0.5774, 0.0, -0.5774], [0.0] * 4]), atol=1e-4, rtol=0)
+    # batch: the std of the 4 counted rewards {1, 0, 0, 1} (mean 0.5): sqrt(4 * 0.25 / 3) = 0.57735
+    torch.testing.assert_close(group_advantages(r, "batch", mask)[0], torch.tensor([2 / 3, -1 / 3, 0.0, -1 / 3]) / 0.57735,
+                               atol=1e-4, rtol=0)
+    assert informative_groups(r, mask).tolist() == [True, False]
+    # the failed 9 does not make group 0's spread; without the mask it would
+    assert informative_groups(torch.tensor([[0.0, 0.0, 9.0]]), torch.tensor([[True, True, False]])).tolist() == [False]
+    assert informative_groups(torch.tensor([[0.0, 0.0, 9.0]])).tolist() == [True]
+
+
+def test_group_advantages_match_a_naive_reference_on_random_rewards():
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(6, 5, generator=g)
+    mask = torch.rand(6, 5, generator=g) > 0.3
+    got = {s: group_advantages(r, s, mask) for s in ("group", "batch", "none")}
+    counted = [x for row, m in zip(r.tolist(), mask.tolist()) for x, k in zip(row, m) if k]
+    mu = sum(counted) / len(counted)
+    batch_std = math.sqrt(sum((x - mu) ** 2 for x in counted) / (len(counted) - 1))
+    for i in range(6):
+        xs = [x for x, k in zip(r[i].tolist(), mask[i].tolist()) if k]
+        for j in range(5):
+            if not mask[i, j] or len(xs) < 2:
+                assert all(float(got[s][i, j]) == 0 for s in got)
+                continue
+            mean = sum(xs) / len(xs)
+            std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+            c = float(r[i, j]) - mean
+            assert float(got["none"][i, j]) == pytest.approx(c, abs=1e-5)
+            assert float(got["group"][i, j]) == pytest.approx(c / (std + 1e-6), abs=1e-4)
+            assert float(got["batch"][i, j]) == pytest.approx(c / (batch_std + 1e-6), abs=1e-5)
 
 
 def test_clipping_on_both_sides_hand_worked():
@@ -144,28 +207,65 @@ def test_token_mean_and_seq_mean_differ_as_worked_by_hand():
     assert aggregate(values, mask, "seq_mean").item() == pytest.approx((1 + 3) / 2)  # 2.0
 
 
-def test_k3_kl_hand_worked_and_non_negative():
-    # r = ref - logp = -1: e^-1 + 1 - 1 = 0.3679; r = 1: e - 2 = 0.7183; r = 0: 0
-    kl = k3_kl(torch.tensor([0.0, 0.0, -1.0]), torch.tensor([-1.0, 1.0, -1.0]))
-    torch.testing.assert_close(kl, torch.tensor([0.3679, 0.7183, 0.0]), atol=1e-4, rtol=0)
+def test_kl_estimators_hand_worked():
+    # d = logp - ref = 1, -1, 0
+    logp, ref = torch.tensor([0.0, 0.0, -1.0]), torch.tensor([-1.0, 1.0, -1.0])
+    torch.testing.assert_close(kl_penalty(logp, ref, "k1"), torch.tensor([1.0, -1.0, 0.0]))
+    torch.testing.assert_close(kl_penalty(logp, ref, "k2"), torch.tensor([0.5, 0.5, 0.0]))  # d^2 / 2
+    # k3 = e^-d + d - 1: e^-1 + 0 = 0.3679; e - 2 = 0.7183; 0
+    torch.testing.assert_close(kl_penalty(logp, ref, "k3"), torch.tensor([0.3679, 0.7183, 0.0]), atol=1e-4, rtol=0)
     g = torch.Generator().manual_seed(0)
-    assert (k3_kl(torch.randn(100, generator=g), torch.randn(100, generator=g)) >= 0).all()
+    a, b = torch.randn(100, generator=g), torch.randn(100, generator=g)
+    assert (kl_penalty(a, b, "k3") >= 0).all() and (kl_penalty(a, b, "k2") >= 0).all()
 
 
-def test_k3_is_an_unbiased_kl_estimate():
+def test_kl_estimators_expected_values_and_gradients_on_a_categorical():
+    """pi = softmax(theta) over 6 tokens, ref fixed. Exactly, with no sampling: the expectation under pi
+    of a per-token loss is its sum over tokens weighted by pi, held fixed (detached) as the sampler is.
+
+    - k1 and k3 are unbiased values of KL(pi || ref); k2 is not.
+    - As losses, their expected gradients: k2's is the gradient of KL(pi || ref) (the one a KL penalty
+      means); k3's is the gradient of the reverse KL(ref || pi); k1's is 0 (Tang & Munos 2025).
+    """
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
+
+    def expected(estimator):
+        logp = torch.log_softmax(theta, 0)
+        value = (logp.exp().detach() * kl_penalty(logp, ref, estimator)).sum()
+        return value.detach(), torch.autograd.grad(value, theta)[0]
+
+    def exact(direction):
+        logp = torch.log_softmax(theta, 0)
+        kl = (logp.exp() * (logp - ref)).sum() if direction == "pi||ref" else (ref.exp() * (ref - logp)).sum()
+        return kl.detach(), torch.autograd.grad(kl, theta)[0]
+
+    forward, forward_grad = exact("pi||ref")
+    _, reverse_grad = exact("ref||pi")
+    for estimator in ("k1", "k3"):
+        assert expected(estimator)[0].item() == pytest.approx(forward.item(), abs=1e-12)
+    assert expected("k2")[0].item() != pytest.approx(forward.item(), rel=1e-3)
+    torch.testing.assert_close(expected("k2")[1], forward_grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(expected("k3")[1], reverse_grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(expected("k1")[1], torch.zeros(6, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert (expected("k3")[1] - forward_grad).abs().max() > 1e-2  # the two directions really differ here
+
+
+def test_k3_is_an_unbiased_kl_estimate_by_sampling():
     """Sampling x ~ p, the mean of k3 approaches the exact KL(p || q)."""
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(6, generator=g), 0)
     q = torch.softmax(torch.randn(6, generator=g), 0)
     x = torch.multinomial(p, 200_000, replacement=True, generator=g)
-    estimate = k3_kl(p.log()[x], q.log()[x]).mean()
+    estimate = kl_penalty(p.log()[x], q.log()[x], "k3").mean()
     exact = (p * (p.log() - q.log())).sum()
     assert estimate.item() == pytest.approx(exact.item(), rel=0.03)
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
-@pytest.mark.parametrize("beta", [0.0, 0.05])
-def test_policy_loss_matches_naive_reference_on_random_tensors(agg, beta):
+@pytest.mark.parametrize("beta, estimator", [(0.0, "k2"), (0.05, "k1"), (0.05, "k2"), (0.05, "k3")])
+def test_policy_loss_matches_naive_reference_on_random_tensors(agg, beta, estimator):
     g = torch.Generator().manual_seed(1)
     B, T = 5, 7
     old = -torch.rand(B, T, generator=g) * 3
@@ -174,10 +274,13 @@ def test_policy_loss_matches_naive_reference_on_random_tensors(agg, beta):
     adv = torch.randn(B, generator=g)
     mask = (torch.rand(B, T, generator=g) > 0.3).float()
     mask[:, 0] = 1  # every row has a token
-    loss, stats = policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, ref_logp=ref, kl_coef=beta)
-    want = naive_loss(logp, old, adv, mask.bool(), 0.2, 0.28, agg, ref if beta else None, beta)
+    loss, stats = policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, ref_logp=ref, kl_coef=beta, kl_estimator=estimator)
+    want = naive_loss(logp, old, adv, mask.bool(), 0.2, 0.28, agg, ref if beta else None, beta, estimator)
     assert loss.item() == pytest.approx(want, rel=1e-5)
     assert 0 < stats["clip_frac"].item() < 1
+    # the `kl` statistic is the chosen estimator's mean over trained tokens
+    kl = [naive_kl(float(logp[b, t]), float(ref[b, t]), estimator) for b in range(B) for t in range(T) if mask[b, t]]
+    assert stats["kl"].item() == pytest.approx(sum(kl) / len(kl), rel=1e-5)
 
 
 def test_masked_tokens_get_no_gradient():
@@ -201,8 +304,14 @@ def test_micro_batches_with_a_shared_normaliser_sum_to_the_full_batch_loss():
 
 def test_dynamic_sampling_and_overlong_shaping():
     assert informative_groups(torch.tensor([[0.5, 0.5, 0.5], [0.0, 0.0, 1.0]])).tolist() == [False, True]
+    # a spread of 1e-3 is signal by default, a tie under tol=0.01
+    assert informative_groups(torch.tensor([[0.5, 0.501]])).tolist() == [True]
+    assert informative_groups(torch.tensor([[0.5, 0.501]]), tol=0.01).tolist() == [False]
     # max 20, buffer 8: free up to 12, then -1/8 per token, -1 at 20
     assert overlong_penalty(torch.tensor([5, 12, 16, 20]), 20, 8).tolist() == [0.0, 0.0, -0.5, -1.0]
+    # one budget per response: 16 tokens of 20 -> -0.5; of 64 -> 0; a budget of 4 under the buffer of 8
+    # ramps over all of it: 2 of 4 -> -0.5
+    assert overlong_penalty(torch.tensor([16, 16, 2]), torch.tensor([20, 64, 4]), 8).tolist() == [-0.5, 0.0, -0.5]
 
 
 def test_logprobs_and_entropy_of_a_uniform_distribution():
