@@ -81,14 +81,28 @@ class Config(StageConfig):
 def encode_sft(tokenizer, sample: dict, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids of prompt + completion, and labels that are IGNORE on the prompt.
 
+    A sample's `meta.followup` (a list of {role: tool | assistant, content}) continues the completion
+    as an episode would: each tool observation rendered exactly as `rollout.episodes` feeds it back
+    (masked: context, not a target), each assistant turn a target ending with the end-of-turn token.
+
     Prompt and completion are tokenised apart, exactly as at generation time, so the mask
     boundary is exact and no BPE merge crosses it. The target ends with the end-of-turn token.
     """
     prompt = tokenizer.apply_chat_template(sample["messages"], add_generation_prompt=True, tokenize=False)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(sample["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    c_labels = list(c_ids)
+    for turn in sample.get("meta", {}).get("followup", []):  # later turns of an agent episode
+        if turn["role"] == "tool":  # the observation, as an episode renders it: context, never a target
+            from rollout.episodes import tool_turn_ids
+
+            t_ids = tool_turn_ids(tokenizer, turn["content"], think=True)
+            c_ids, c_labels = c_ids + t_ids, c_labels + [IGNORE] * len(t_ids)
+        else:
+            t_ids = tokenizer(turn["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            c_ids, c_labels = c_ids + t_ids, c_labels + t_ids
     ids = (p_ids + c_ids)[:max_len]
-    labels = ([IGNORE] * len(p_ids) + c_ids)[:max_len]
+    labels = ([IGNORE] * len(p_ids) + c_labels)[:max_len]
     return ids, labels
 
 

@@ -68,7 +68,8 @@ def code_samples(n: int, seed: int = 0) -> list[dict]:
 
 
 def agent_samples(n: int, seed: int = 0, system: str | None = None) -> list[dict]:
-    """`n` sandbox tasks (write a value to a file, or count lines) with scripted SFT first turns.
+    """`n` sandbox tasks (write a value to a file, or count lines) with scripted SFT episodes: the tool call,
+    then (`meta.followup`) the tool's observation and a final answer that ends the episode.
 
     `system` defaults to `sandbox.toolcall.tools_prompt()`; tiny models want a shorter one.
 
@@ -86,18 +87,21 @@ def agent_samples(n: int, seed: int = 0, system: str | None = None) -> list[dict
             v = rng.randint(10, 99)
             prompt, setup = f"Write {v} to answer.txt.", {}
             call = toolcall.format_call("write_file", path="answer.txt", content=str(v))
+            observation = f"wrote {len(str(v))} bytes to answer.txt"
         else:
             v = rng.randint(2, 9)
             name = f"{rng.choice(['data', 'log', 'notes', 'items'])}{rng.randint(1, 99)}.txt"  # distinct prompts
             prompt = f"Count the lines of {name} and write the count to answer.txt."
             setup = {"commands": [f"seq {v} > {name}"]}
             call = toolcall.format_call("bash", command=f"wc -l < {name} > answer.txt")
+            observation = ""  # the command prints nothing
         # The check reads only the agent's answer.txt (its output, not a file we provide): no check files.
         task = {"name": f"agent-{seed}-{i}", "prompt": prompt, "setup": setup, "max_turns": 3, "timeout_s": 10.0,
                 "check": f'test "$(cat answer.txt)" = {v}', "check_files": []}
         out.append({"id": task["name"], "domain": "agent", "answer": None, "completion": NO_THINK + call,
                     "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-                    "meta": {"task": task}})
+                    "meta": {"task": task, "followup": [{"role": "tool", "content": observation},
+                                                        {"role": "assistant", "content": NO_THINK + "Done."}]}})
     return out
 
 

@@ -92,3 +92,23 @@ def test_mix_gives_each_domain_its_share_of_every_step():
         Config(model="m", data=data, mix={"math": 1})
     with pytest.raises(ValueError, match="mix needs packing: false"):
         Config(model="m", data=data, mix={"math": 1, "code": 1}, packing=True)
+
+
+def test_agent_episode_targets_mask_the_tool_observation_as_an_episode_renders_it(tiny_base):
+    """meta.followup: the SFT row holds the tokens an episode holds; only the model's own turns are targets."""
+    from experts.tasks import agent_samples
+    from rollout.episodes import tool_turn_ids
+
+    tok = load_tokenizer(tiny_base)
+    sample = agent_samples(1, seed=3, system="Use tools.")[0]
+    ids, labels = encode_sft(tok, sample, max_len=1024)
+    observation = sample["meta"]["followup"][0]["content"]
+    tool = tool_turn_ids(tok, observation, think=True)
+    n = len(tool)
+    starts = [i for i in range(len(ids) - n + 1) if ids[i : i + n] == tool]
+    assert len(starts) == 1, "the observation turn appears once, token for token as an episode feeds it back"
+    i = starts[0]
+    assert all(lab == IGNORE for lab in labels[i : i + n]), "the tool's tokens are context, not targets"
+    assert labels[i - 1] == tok.eos_token_id, "the tool-call turn ends with the end-of-turn token, trained"
+    final = tok.decode([t for t, lab in zip(ids[i + n :], labels[i + n :]) if lab != IGNORE])
+    assert final.endswith("Done.<|im_end|>") or final.endswith("Done." + tok.eos_token)
