@@ -1,7 +1,8 @@
 """Logit-level distillation losses that never hold full [tokens, vocab] logits for all tokens at once.
 
 `distill_loss` takes last-layer hidden states and LM heads of a student and a teacher and returns
-the per-token divergence between their next-token distributions, masked to response tokens:
+the per-token divergence between their next-token distributions, masked to response tokens (or
+weighted per token: `balance_weights` gives each domain of an optimizer step the same weight):
 
     reverse_kl (default)  KL(student || teacher)   mode-seeking; what on-policy distillation uses
                           (Gu et al. 2024, MiniLLM; Agarwal et al. 2024, GKD; DeepSeek-V4 OPD).
@@ -34,17 +35,56 @@ the tests and `bench/opd_loss.py` check these against.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 
 Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+Balance = Literal["domain", "sequence", "token"]
 
 
 class DistillLoss(NamedTuple):
-    loss: torch.Tensor  # [] mean of per_token over masked tokens; differentiable w.r.t. the student
+    loss: torch.Tensor  # [] mean of per_token over masked tokens (or sum of weights * per_token); differentiable
     per_token: torch.Tensor  # [tokens] divergence per token, 0 where masked out; detached, for metrics
+
+
+def balance_weights(domains: Sequence[str], tokens: Sequence[int], balance: Balance = "domain") -> list[float]:
+    """The loss weight of each token of each sequence of one optimizer step: the step's loss is
+    sum over sequences of weight * (its tokens' summed divergence), and the weights sum to 1.
+
+    domains, tokens: each sequence's domain and trained-token count, over the whole step (every
+    micro-batch of every rank), so that the step's loss does not depend on how it is split.
+
+        domain    each domain present weighs the same:   1 / (domains in the step * that domain's tokens)
+        sequence  each sequence weighs the same:         1 / (sequences * its tokens)
+        token     each token weighs the same:            1 / tokens in the step
+
+    A plain token mean lets domains with long responses (instructions, agent episodes) drown out
+    short-answer domains (math): "domain" is the mean over domains of each domain's token mean.
+    A sequence with no tokens gets weight 0 and is not counted.
+
+    >>> balance_weights(["math", "chat", "chat"], [2, 6, 10], "domain")  # math 1/(2*2), chat 1/(2*16)
+    [0.25, 0.03125, 0.03125]
+    >>> balance_weights(["math", "chat"], [2, 6], "sequence")  # 1/(2*2), 1/(2*6)
+    [0.25, 0.08333333333333333]
+    >>> balance_weights(["math", "chat"], [2, 6], "token")
+    [0.125, 0.125]
+    """
+    if len(domains) != len(tokens):
+        raise ValueError(f"{len(domains)} domains for {len(tokens)} token counts")
+    per_domain: dict[str, int] = {}
+    for d, n in zip(domains, tokens):
+        if n > 0:
+            per_domain[d] = per_domain.get(d, 0) + n
+    sequences, total = sum(n > 0 for n in tokens), sum(per_domain.values())
+    if balance == "domain":
+        return [1 / (len(per_domain) * per_domain[d]) if n > 0 else 0.0 for d, n in zip(domains, tokens)]
+    if balance == "sequence":
+        return [1 / (sequences * n) if n > 0 else 0.0 for n in tokens]
+    if balance == "token":
+        return [1 / total if n > 0 else 0.0 for n in tokens]
+    raise ValueError(f"balance must be domain, sequence or token, got {balance!r}")
 
 
 def distill_loss(
@@ -57,16 +97,16 @@ def distill_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
     chunk_size: int = 512,
+    weights: torch.Tensor | None = None,  # [tokens] per-token loss weights instead of the mean; 0: left out
 ) -> DistillLoss:
-    """Mean per-token divergence between student and teacher next-token distributions, chunked.
+    """Mean per-token divergence between student and teacher next-token distributions, chunked
+    (with `weights`: sum(weights * per-token divergence) over the masked tokens).
 
     Row i of both hidden tensors must predict the same token. Gradients reach `student_hidden` and
     `student_head` only. Computes in float32 (float64 if the student is float64).
     """
-    _check(student_hidden, student_head, teacher_hidden, teacher_head, mask, divergence, temperature, beta)
-    n = student_hidden.shape[0]
-    mask = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if mask is None else mask.bool()
-    weights = mask.to(_compute_dtype(student_hidden)) / mask.sum().clamp(min=1)
+    _check(student_hidden, student_head, teacher_hidden, teacher_head, mask, divergence, temperature, beta, weights)
+    weights = _token_weights(student_hidden, mask, weights)
     needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
     loss, per_token = _ChunkedDistill.apply(
         student_hidden, student_head, teacher_hidden, teacher_head, weights,
@@ -160,16 +200,19 @@ def distill_loss_reference(
     divergence: Divergence = "reverse_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
+    weights: torch.Tensor | None = None,  # [tokens]
 ) -> DistillLoss:
     """The naive version: full [tokens, vocab] logits for both models and plain autograd.
 
     Written independently of the chunked one (probabilities, not closed-form gradients) so that
     agreement between the two means something. Used by the tests and as the bench baseline.
     """
-    _check(student_hidden, student_head, teacher_hidden, teacher_head, mask, divergence, temperature, beta)
+    _check(student_hidden, student_head, teacher_hidden, teacher_head, mask, divergence, temperature, beta, weights)
     dtype = _compute_dtype(student_hidden)
     n = student_hidden.shape[0]
     mask = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if mask is None else mask.bool()
+    if weights is not None:
+        mask = mask & (weights != 0)
     log_q = torch.log_softmax((student_hidden.to(dtype) @ student_head.to(dtype).T) / temperature, -1)
     with torch.no_grad():
         log_p = torch.log_softmax((teacher_hidden.to(dtype) @ teacher_head.to(dtype).T) / temperature, -1)
@@ -182,15 +225,25 @@ def distill_loss_reference(
         m = beta * p + (1 - beta) * q
         per_token = beta * (p * (log_p - m.log())).sum(-1) + (1 - beta) * (q * (log_q - m.log())).sum(-1)
     per_token = per_token * mask
-    loss = per_token.sum() / mask.sum().clamp(min=1)
+    loss = per_token.sum() / mask.sum().clamp(min=1) if weights is None else (per_token * weights.to(dtype)).sum()
     return DistillLoss(loss, per_token.detach())
+
+
+def _token_weights(hs: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor:
+    """[tokens] the weight of each token in the loss: mask / mask.sum() (the mean), or `weights` where masked in."""
+    dtype = _compute_dtype(hs)
+    if weights is not None:
+        return weights.to(dtype) if mask is None else weights.to(dtype) * mask.to(dtype)
+    if mask is None:
+        return torch.full((hs.shape[0],), 1 / max(hs.shape[0], 1), dtype=dtype, device=hs.device)
+    return mask.to(dtype) / mask.sum().clamp(min=1)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check(hs, ws, ht, wt, mask, divergence, temperature, beta) -> None:
+def _check(hs, ws, ht, wt, mask, divergence, temperature, beta, weights=None) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if not temperature > 0:
@@ -206,3 +259,5 @@ def _check(hs, ws, ht, wt, mask, divergence, temperature, beta) -> None:
         raise ValueError(f"student and teacher vocabularies differ: {ws.shape[0]} vs {wt.shape[0]}")
     if mask is not None and mask.shape != (hs.shape[0],):
         raise ValueError(f"mask must be [tokens] = [{hs.shape[0]}], got {tuple(mask.shape)}")
+    if weights is not None and weights.shape != (hs.shape[0],):
+        raise ValueError(f"weights must be [tokens] = [{hs.shape[0]}], got {tuple(weights.shape)}")

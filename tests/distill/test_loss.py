@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from distill.loss import DIVERGENCES, distill_loss, distill_loss_reference
+from distill.loss import DIVERGENCES, balance_weights, distill_loss, distill_loss_reference
 
 
 def _inputs(tokens=37, hidden_s=8, hidden_t=12, vocab=50, seed=0):
@@ -84,6 +84,38 @@ def test_gradients_reach_the_student_only_and_no_grad_mode_is_cheap():
         assert distill_loss(hs, ws, ht, wt, mask).loss.grad_fn is None
 
 
+def test_weighted_loss_equals_naive_weighted_sum():
+    """`weights` turns the mean into sum(weights * per-token divergence), values and gradients."""
+    hs, ws, ht, wt, mask = _inputs()
+    weights = torch.rand(len(mask), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = distill_loss(hs, ws, ht, wt, mask, chunk_size=8, weights=weights)
+    ref = distill_loss_reference(hs, ws, ht, wt, mask, weights=weights)
+    torch.testing.assert_close(got.loss, (ref.per_token * weights).sum(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-12, rtol=1e-10)
+    for g, r in zip(torch.autograd.grad(got.loss, (hs, ws)), torch.autograd.grad(ref.loss, (hs, ws))):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8)
+    # uniform weights 1/n over the masked tokens are the plain mean
+    mean = distill_loss(hs, ws, ht, wt, mask, weights=torch.full((len(mask),), 1 / int(mask.sum()), dtype=torch.float64))
+    torch.testing.assert_close(mean.loss, distill_loss(hs, ws, ht, wt, mask).loss)
+
+
+def test_balance_weights_hand_worked():
+    # A step of 4 sequences: math 2 + 2 tokens, chat 12, agent 4 (20 tokens, 3 domains).
+    domains, tokens = ["math", "chat", "math", "agent"], [2, 12, 2, 4]
+    # domain: each domain 1/3 of the loss, spread over its tokens: math 1/(3*4), chat 1/(3*12), agent 1/(3*4)
+    assert balance_weights(domains, tokens, "domain") == pytest.approx([1 / 12, 1 / 36, 1 / 12, 1 / 12])
+    # sequence: each sequence 1/4, spread over its tokens
+    assert balance_weights(domains, tokens, "sequence") == pytest.approx([1 / 8, 1 / 48, 1 / 8, 1 / 16])
+    # token: every token 1/20 (chat, 60% of the tokens, gets 60% of the loss)
+    assert balance_weights(domains, tokens, "token") == pytest.approx([1 / 20] * 4)
+    for b in ("domain", "sequence", "token"):  # each is a weighted mean: the weights of all tokens sum to 1
+        assert sum(w * n for w, n in zip(balance_weights(domains, tokens, b), tokens)) == pytest.approx(1.0)
+    # a sequence without trained tokens weighs nothing and is not counted
+    assert balance_weights(["math", "chat"], [3, 0], "domain") == [1 / 3, 0.0]
+    with pytest.raises(ValueError, match="balance must be"):
+        balance_weights(domains, tokens, "prompt")
+
+
 def test_bad_arguments_are_clear_errors():
     hs, ws, ht, wt, mask = _inputs()
     with pytest.raises(ValueError, match="divergence must be one of"):
@@ -92,3 +124,5 @@ def test_bad_arguments_are_clear_errors():
         distill_loss(hs, ws, ht, wt[:-1])
     with pytest.raises(ValueError, match="0 < beta < 1"):
         distill_loss(hs, ws, ht, wt, divergence="jsd", beta=1.0)
+    with pytest.raises(ValueError, match="weights must be"):
+        distill_loss(hs, ws, ht, wt, weights=torch.ones(3))
