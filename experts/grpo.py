@@ -47,7 +47,7 @@ from experts.grpo_loss import (
     truncated_is_weights,
 )
 from experts.models import load_tokenizer
-from learner.batching import batch_plan
+from learner.batching import batch_plan, mixed_plan
 from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
@@ -104,6 +104,10 @@ class Config(StageConfig):
     max_refill_calls: int = Field(2, ge=0, le=100, description="dynamic_sampling: extra generate calls per step on "
                                   "new prompts while fewer than prompts_per_step groups are informative (DAPO's "
                                   "re-sampling); 0 only drops.")
+    mix: dict[str, float] = Field(default_factory=dict, description="Domain -> share of every step's prompts, e.g. "
+                                  "{math: 4, code: 1} (normalised), as sft.mix: a mixed model's steps can hold each "
+                                  "domain as its expert's did. Empty: prompts drawn from all samples alike (fresh_"
+                                  "prompts: in proportion to each source's size).")
     fresh_prompts: bool = Field(False, description="Each step draws new problems from the data's generators (source "
                                 "generator or reasoning_gym; seeds from data.seed and the step; never a held-out "
                                 "prompt) instead of walking the fixed train split.")
@@ -136,6 +140,15 @@ class Config(StageConfig):
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, (dict, DataConfig)) else v
+
+    @model_validator(mode="after")
+    def _mix_names_domains(self):
+        domains = {d.domain for d in self.data}
+        if self.mix and set(self.mix) != domains:
+            raise ValueError(f"mix names {sorted(self.mix)}; give a share for each domain of data: {sorted(domains)}")
+        if not all(v > 0 for v in self.mix.values()):
+            raise ValueError(f"mix: every share must be > 0, got {self.mix}")
+        return self
 
     @model_validator(mode="after")
     def _fresh_needs_generators(self):
@@ -441,7 +454,7 @@ class PromptPlan:
     """Which prompts each step draws: a function of the seed, the step and the retirement history, so resumable.
 
     A step's supply (`supply(step)`), in order: its entries of the fixed plan over the train split
-    (`batch_plan`), then the rest of the split in an order of the step's own (what refills draw:
+    (`batch_plan`, or `mixed_plan` with `mix`), then the rest of the split in an order of the step's own (what refills draw:
     never the step's own prompts). With `fresh_prompts`, new problems instead: chunks of
     prompts_per_step from the data's generators (`fresh_samples`; seeds from each source's seed, the
     step and the chunk; sources picked in proportion to `size`; never a held-out prompt), enough for
@@ -452,7 +465,14 @@ class PromptPlan:
     def __init__(self, cfg: Config, samples: list[dict], seed: int, history: dict[str, int] | None = None):
         self.cfg, self.samples, self.seed = cfg, samples, seed
         fresh = cfg.fresh_prompts
-        self.plan = [] if fresh else batch_plan(len(samples), cfg.prompts_per_step, cfg.steps, seed)
+        if fresh:
+            self.plan = []
+        elif cfg.mix:
+            domains = list(cfg.mix)
+            self.plan = mixed_plan([[i for i, s in enumerate(samples) if s["domain"] == d] for d in domains],
+                                   [cfg.mix[d] for d in domains], cfg.prompts_per_step, cfg.steps, seed)
+        else:
+            self.plan = batch_plan(len(samples), cfg.prompts_per_step, cfg.steps, seed)
         self.heldout = [{prompt_key(s) for s in load_samples(d, "heldout")} for d in cfg.data] if fresh else []
         self.streaks: dict[str, int] = dict(history or {})  # prompt hash -> tied groups in a row, up to now
 
@@ -513,7 +533,9 @@ class PromptPlan:
 
     def _fresh(self, step: int, chunk: int) -> list[dict]:
         data, P = self.cfg.data, self.cfg.prompts_per_step
-        picks = random.Random(f"{self.seed}:fresh:{step}:{chunk}").choices(range(len(data)), [d.size for d in data], k=P)
+        weights = [self.cfg.mix[d.domain] / sum(e.domain == d.domain for e in data) if self.cfg.mix else d.size
+                   for d in data]
+        picks = random.Random(f"{self.seed}:fresh:{step}:{chunk}").choices(range(len(data)), weights, k=P)
         made = {i: iter(fresh_samples(d, picks.count(i), _derived_seed(d.seed, step, chunk), self.heldout[i]))
                 for i, d in enumerate(data) if i in picks}
         return [next(made[i]) for i in picks]

@@ -232,3 +232,19 @@ def test_the_renamed_scale_adv_by_std_says_what_to_write(tmp_path):
     with pytest.raises(UserError, match=r"stages.g.config: Value error, scale_adv_by_std is now scale_rewards "
                                         r"\(group, batch or none\): write scale_rewards: none"):
         load_workflow(f)
+
+
+def test_mix_gives_each_domain_its_share_of_a_steps_prompts():
+    """grpo.mix: a mixed model's step holds each domain as its expert's steps did, fixed plan or fresh problems."""
+    code = DataConfig(domain="code", source="generator", task="experts.tasks:code_samples", size=100, heldout=10)
+    samples = [sample(f"m{i}") for i in range(40)] + [sample(f"c{i}", "code") for i in range(5)]
+    cfg = Config(model="m", data=[DataConfig(**ECHO), code], prompts_per_step=8, steps=6, mix={"math": 1, "code": 3})
+    plan = PromptPlan(cfg, samples, seed=0)
+    for step in range(6):
+        own = plan.supply(step).take(8)
+        assert [s["domain"] for s in own].count("code") == 6, "3 of 4 prompts are code though code has 5 samples"
+    fresh = PromptPlan(cfg.model_copy(update={"fresh_prompts": True}), [], seed=0)
+    drawn = [s["domain"] for step in range(10) for s in fresh.supply(step).take(8)]
+    assert 0.6 < drawn.count("code") / len(drawn) < 0.9
+    with pytest.raises(ValidationError, match="give a share for each domain"):
+        Config(model="m", data=[DataConfig(**ECHO), code], mix={"math": 1})
