@@ -12,20 +12,29 @@ Layout of one round (`root` is a local directory or an fsspec URL such as `s3://
 
     <root>/round_000003/index.json                        written last: a round without it does not exist
     <root>/round_000003/shard_00000_s000_t000.safetensors one (step, teacher) group per shard
-        hidden     [rows, hidden_t]  bf16 (cache dtype)  row i of a sample predicts its response token i
+        hidden     [rows, hidden_t]  bf16 (cache dtype)  row i of a sample predicts its i-th trained token
         input_ids  [tokens]          int32               prompt + response of every sample, concatenated
+        loss_mask  [tokens]          uint8               1 on the response tokens the student sampled
+                                                         (the trained ones): 0 on the prompt, on an agent
+                                                         episode's tool results, on forced `</think>`
+
+Only trained tokens have a state: the teacher reads a whole agent episode (tool results included,
+as context) but the student is distilled only on what it wrote, so the tool output, often most of
+an episode, costs one byte a token rather than a state.
 
 index.json holds the round id, the policy the rollouts were sampled from, the teachers (with the domains
 each answers for), and per shard (listed in (step, teacher) order) its file, step, teacher, byte size,
-sha256, and per sample its id, domain, prompt length and offsets into both tensors. Every file is
-written under a temporary name and renamed into place, so a reader sees a whole file or none.
+sha256, and per sample its id, domain, prompt length and offsets into `hidden` (its trained tokens)
+and into `input_ids` and `loss_mask`. Every file is written under a temporary name and renamed into
+place, so a reader sees a whole file or none.
 
 Nothing in a round is trusted, the index included. Each shard entry carries the sha256 of its own
 canonical JSON and the index the sha256 of the rest, so an edited or corrupt entry is named; the
 reader then checks the index's structure before reading anything (file names are plain shard names
 inside the round directory, teachers in range, each sample's offsets contiguous and inside its shard,
-row counts consistent, each domain one its teacher answers for) and each shard's size, sha256 and
-tensor shapes against its entry when it is read. Any mismatch is a `CacheError` naming the shard.
+row counts consistent, each domain one its teacher answers for) and each shard's size, sha256,
+tensor shapes and loss mask (0 on every prompt, as many 1s as the sample has rows) against its
+entry when it is read. Any mismatch is a `CacheError` naming the shard.
 It refuses a round whose id or policy is not the one being trained, so training never reads stale
 (off-policy) rollouts.
 
@@ -53,7 +62,7 @@ from safetensors.torch import save as st_save
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: index and shard entries carry their own sha256
+FORMAT = 3  # 2: index and shard entries carry their own sha256; 3: a loss mask, states of trained tokens only
 INDEX = "index.json"
 _ROUND_RE = re.compile(r"round_(\d{6})$")
 _SHARD_RE = re.compile(r"shard_\d{5}_s(\d{3,})_t(\d{3,})\.safetensors")  # what CacheWriter names them
@@ -73,12 +82,18 @@ class TeacherBatch:
     domains: list[str]
     input_ids: list[torch.Tensor]  # each [prompt_len + response_len] int64
     prompt_lens: list[int]
-    hidden: torch.Tensor  # [sum of response lens, hidden_t]: sample after sample, row i predicts token i
+    loss_masks: list[torch.Tensor]  # each [response_len] bool: the trained response tokens
+    hidden: torch.Tensor  # [sum of trained tokens, hidden_t]: sample after sample, row i predicts trained token i
     shard: str
 
     @property
     def response_lens(self) -> list[int]:
         return [len(ids) - p for ids, p in zip(self.input_ids, self.prompt_lens)]
+
+    @property
+    def trained_lens(self) -> list[int]:
+        """Rows (trained tokens) of each sample."""
+        return [int(m.sum()) for m in self.loss_masks]
 
 
 def round_url(root: str, round_id: int) -> str:
@@ -113,15 +128,23 @@ class CacheWriter:
         self._done: set[tuple[int, int]] = set()
         self._rows: list[torch.Tensor] = []
         self._ids: list[torch.Tensor] = []
+        self._masks: list[torch.Tensor] = []
         self._samples: list[dict] = []
         self._n_rows = self._n_ids = 0
 
     def add(self, teacher: int, sample_id: str, domain: str, input_ids: Sequence[int], prompt_len: int,
-            hidden: torch.Tensor, step: int = 0) -> None:
-        """`hidden` [response_len, hidden_t]: the teacher's states predicting the response tokens."""
+            hidden: torch.Tensor, step: int = 0, loss_mask: Sequence[int] | None = None) -> None:
+        """`loss_mask` [response_len] 0/1: which response tokens are trained (default: all);
+        `hidden` [trained tokens, hidden_t]: the teacher's states predicting those tokens, in order."""
         n_resp = len(input_ids) - prompt_len
-        if hidden.shape[0] != n_resp:
-            raise ValueError(f"sample {sample_id}: {hidden.shape[0]} hidden rows for {n_resp} response tokens")
+        mask = torch.as_tensor([1] * n_resp if loss_mask is None else loss_mask, dtype=torch.uint8)
+        if mask.shape != (n_resp,) or bool((mask > 1).any()):
+            raise ValueError(f"sample {sample_id}: loss_mask must be {n_resp} zeros and ones (one per response token)")
+        n_rows = int(mask.sum())
+        if n_rows == 0:
+            raise ValueError(f"sample {sample_id}: no trained tokens (loss_mask is all 0); leave the sample out")
+        if hidden.shape[0] != n_rows:
+            raise ValueError(f"sample {sample_id}: {hidden.shape[0]} hidden rows for {n_rows} trained tokens")
         group = (step, teacher)
         if group != self._group:
             if group in self._done:
@@ -134,10 +157,11 @@ class CacheWriter:
             self._flush()
         self.teachers[teacher]["hidden_size"] = int(hidden.shape[1])
         self._samples.append(dict(id=str(sample_id), domain=domain, prompt_len=int(prompt_len),
-                                  ids=[self._n_ids, len(input_ids)], rows=[self._n_rows, n_resp]))
+                                  ids=[self._n_ids, len(input_ids)], rows=[self._n_rows, n_rows]))
         self._rows.append(hidden.detach().to("cpu", self.dtype))
         self._ids.append(torch.as_tensor(input_ids, dtype=torch.int32))
-        self._n_rows += n_resp
+        self._masks.append(torch.cat([torch.zeros(prompt_len, dtype=torch.uint8), mask]))
+        self._n_rows += n_rows
         self._n_ids += len(input_ids)
 
     def _flush(self) -> None:
@@ -145,12 +169,13 @@ class CacheWriter:
             return
         step, teacher = self._group
         name = f"shard_{len(self.shards):05d}_s{step:03d}_t{teacher:03d}.safetensors"
-        tensors = {"hidden": torch.cat(self._rows).contiguous(), "input_ids": torch.cat(self._ids)}
+        tensors = {"hidden": torch.cat(self._rows).contiguous(), "input_ids": torch.cat(self._ids),
+                   "loss_mask": torch.cat(self._masks)}
         data = st_save(tensors, metadata={"round": str(self.round_id), "step": str(step), "teacher": str(teacher)})
         _put(self.fs, f"{self.dir}/{name}", data)
         self.shards.append(dict(file=name, step=step, teacher=teacher, bytes=len(data),
                                 sha256=hashlib.sha256(data).hexdigest(), rows=self._n_rows, samples=self._samples))
-        self._rows, self._ids, self._samples, self._n_rows, self._n_ids = [], [], [], 0, 0
+        self._rows, self._ids, self._masks, self._samples, self._n_rows, self._n_ids = [], [], [], [], 0, 0
 
     def close(self) -> dict:
         """Write the last shard and then the index, which makes the round visible to readers."""
@@ -199,7 +224,7 @@ class CacheReader:
                              f"training policy {policy!r}")
 
     def step_tokens(self) -> dict[int, int]:
-        """Response tokens per optimizer step, to weight each batch's share of its step's mean loss."""
+        """Trained tokens per optimizer step."""
         return step_tokens(self.index)
 
     def __iter__(self) -> Iterator[TeacherBatch]:
@@ -239,18 +264,28 @@ class CacheReader:
         if got != (str(self.round_id), str(entry["step"]), str(entry["teacher"])):
             raise CacheError(f"cache shard {where} holds round/step/teacher {got}, index says "
                              f"{(self.round_id, entry['step'], entry['teacher'])}")
-        hidden, ids = tensors.get("hidden"), tensors.get("input_ids")
+        hidden, ids, mask = tensors.get("hidden"), tensors.get("input_ids"), tensors.get("loss_mask")
         want_hidden = (entry["rows"], self.index["teachers"][entry["teacher"]].get("hidden_size"))
         want_ids = sum(s["ids"][1] for s in entry["samples"])
-        if hidden is None or ids is None or hidden.dim() != 2 or ids.dim() != 1:
-            raise CacheError(f"cache shard {where} lacks a 2-d 'hidden' or a 1-d 'input_ids' tensor")
+        if hidden is None or ids is None or mask is None or hidden.dim() != 2 or ids.dim() != 1 \
+                or mask.shape != ids.shape:
+            raise CacheError(f"cache shard {where} lacks a 2-d 'hidden', or a 1-d 'input_ids' with a 'loss_mask' "
+                             "beside it")
         if hidden.shape[0] != want_hidden[0] or want_hidden[1] not in (None, hidden.shape[1]) or len(ids) != want_ids:
             raise CacheError(f"cache shard {where} holds hidden {tuple(hidden.shape)} and {len(ids)} input ids, "
                              f"index says {want_hidden} and {want_ids}")
+        for s in entry["samples"]:
+            (i0, n), p, rows = s["ids"], s["prompt_len"], s["rows"][1]
+            m = mask[i0 : i0 + n]
+            if bool(m[:p].any()) or bool((m > 1).any()) or int(m.sum()) != rows:
+                raise CacheError(f"cache shard {where}: sample {s['id']!r}'s loss mask does not match its entry "
+                                 f"({int(m.sum())} trained tokens, {int(m[:p].sum())} of them in the prompt; "
+                                 f"the index says {rows} rows)")
+        tensors["loss_mask"] = mask.bool()
         return tensors
 
     def _batches(self, entry: dict, tensors: dict[str, torch.Tensor]) -> Iterator[TeacherBatch]:
-        hidden, ids = tensors["hidden"], tensors["input_ids"]
+        hidden, ids, mask = tensors["hidden"], tensors["input_ids"], tensors["loss_mask"]
         for group in _sample_groups(entry["samples"], self.batch_tokens):
             first, last = group[0]["rows"], group[-1]["rows"]
             yield TeacherBatch(
@@ -260,6 +295,7 @@ class CacheReader:
                 domains=[g["domain"] for g in group],
                 input_ids=[ids[g["ids"][0] : g["ids"][0] + g["ids"][1]].long() for g in group],
                 prompt_lens=[g["prompt_len"] for g in group],
+                loss_masks=[mask[g["ids"][0] + g["prompt_len"] : g["ids"][0] + g["ids"][1]] for g in group],
                 hidden=hidden[first[0] : last[0] + last[1]],
                 shard=entry["file"],
             )
@@ -279,11 +315,17 @@ def _sample_groups(samples: list[dict], batch_tokens: int) -> list[list[dict]]:
 
 
 def step_tokens(index: dict) -> dict[int, int]:
-    """Response tokens per optimizer step of a round's index."""
+    """Trained tokens (cached states) per optimizer step of a round's index."""
     out: dict[int, int] = {}
     for s in index["shards"]:
         out[s["step"]] = out.get(s["step"], 0) + s["rows"]
     return out
+
+
+def step_samples(index: dict, step: int) -> list[dict]:
+    """The index entries of step `step`'s samples (id, domain, rows = trained tokens, ...), in the order
+    `CacheReader.batches(step)` yields them."""
+    return [sample for s in index["shards"] if s["step"] == step for sample in s["samples"]]
 
 
 def step_batches(index: dict, batch_tokens: int) -> dict[int, int]:
@@ -349,7 +391,7 @@ def _check_entry(entry: dict, teachers: list[dict]) -> None:
         if (r0, i0) != (row, n_ids):
             raise _EntryError(name, f"sample {s['id']!r}: offsets rows {r0}, ids {i0}; expected {row}, {n_ids} "
                                     "(samples are stored back to back)")
-        if not (isinstance(p, int) and isinstance(n, int) and 1 <= p < n) or rn != n - p:
+        if not (isinstance(p, int) and isinstance(n, int) and isinstance(rn, int) and 1 <= p < n and 1 <= rn <= n - p):
             raise _EntryError(name, f"sample {s['id']!r}: {rn} rows for {n} ids with prompt length {p}")
         if domains is not None and s["domain"] not in domains:
             raise _EntryError(name, f"sample {s['id']!r}: domain {s['domain']!r} is not one teacher {teacher} "
@@ -391,7 +433,8 @@ def _put(fs, path: str, data: bytes) -> None:
     fs.mv(tmp, path)
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32, "I64": torch.int64,
+           "U8": torch.uint8}
 
 
 def _parse(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -1,12 +1,13 @@
 """Stage `opd`: merge domain experts into one student by on-policy distillation (DeepSeek-V4 recipe).
 
 Each round: the student's weights go to the rollout workers (sync), which sample responses to
-prompts from every domain on HF or vLLM, the same rollout as GRPO's (generate); on every learner
-rank, each teacher in turn encodes that rank's share of the samples of its domains and its last-layer
-states go to the rank's own cache (teacher_forward); each rank then streams its own cache teacher by
-teacher and the group minimises the per-token divergence to the teacher of each sample's domain, with
-one teacher LM head in memory per rank at a time (train). A teacher may be an fsspec URL
-(`s3://bucket/expert`): it is copied to `<out_dir>/teachers/` for each round and deleted after it.
+prompts from every domain on HF or vLLM, the same rollout as GRPO's (generate); on every learner rank, each teacher in turn encodes that rank's share of the
+samples of its domains and its last-layer states at the tokens the student sampled go to the rank's
+own cache (teacher_forward); each rank then streams its own cache teacher by teacher and the group
+minimises the divergence to the teacher of each sample's domain, each domain of a step weighing the
+same (`balance`), with one teacher LM head in memory per rank at a time (train). A teacher may be an
+fsspec URL (`s3://bucket/expert`): it is copied to `<out_dir>/teachers/` for each round and deleted
+after it.
 
     opd:
       kind: opd
@@ -36,8 +37,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.cache import step_batches, step_tokens
-from distill.student import RankStep, opd_objective, student_loader
+from distill.cache import step_batches, step_samples, step_tokens
+from distill.student import RankStep, opd_objective, rank_weights, student_loader
 from distill.teacher import fetch_model, is_url, rank_prune, rank_root, rank_teacher_forward, split_groups
 from experts.data import DataConfig, load_samples
 from experts.models import load_tokenizer
@@ -96,6 +97,10 @@ class Config(StageConfig):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = Field(
         "reverse_kl", description="Per-token loss: KL(student||teacher), KL(teacher||student) or GKD's JSD(beta).")
+    balance: Literal["domain", "sequence", "token"] = Field(
+        "domain", description="How a step's tokens weigh in its loss. domain: each domain present weighs the same "
+                              "(the mean over domains of each domain's token mean); sequence: each response; "
+                              "token: each token (long-answer domains dominate).")
     beta: float = Field(0.5, gt=0, lt=1, description="JSD interpolation (divergence: jsd).")
     loss_temperature: float = Field(1.0, gt=0, description="Softmax temperature of both models in the loss.")
     chunk_size: Tokens = Field(512, description="Tokens per logits chunk in the loss (peak memory ~ chunk x vocab).")
@@ -194,11 +199,13 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
 
     with timer("sync", times):
         synced = sync_weights(group, workers, probe, cfg.rollout.sync_bucket_mb)
-    with timer("generate", times):
-        rollouts = [ro for ro in generate_on(workers, samples, step=r, episodes=False) if ro.response_ids]
+    with timer("generate", times):  # a rollout with nothing sampled has nothing to learn
+        rollouts = [ro for ro in generate_on(workers, samples, step=r, episodes=False) if any(ro.loss_mask)]
 
-    groups: dict[tuple[int, int], list[Rollout]] = defaultdict(list)  # (teacher, step) -> rollouts
-    for i, ro in enumerate(rollouts):
+    # (teacher, step) -> rollouts; each domain's rollouts are dealt over the steps in turn, so every step
+    # holds an even share of every domain (a domain-balanced step then never rests on one lone sample)
+    groups: dict[tuple[int, int], list[Rollout]] = defaultdict(list)
+    for i, ro in enumerate(sorted(rollouts, key=lambda ro: ro.domain)):
         groups[(route[ro.domain], i % cfg.steps_per_round)].append(ro)
     try:
         with timer("fetch_teachers", times):  # teachers in storage, this round's only: dropped after it
@@ -215,15 +222,18 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
         with timer("train", times):  # every rank streams its own shards in (step, teacher) order
             loads_before = group.apply(_head_loads)[0]
             sums: dict[str, float] = defaultdict(float)  # divergence summed per domain / teacher, and counts
-            tokens = [step_tokens(ix) for ix in indexes]
+            shares: dict[str, float] = defaultdict(float)  # each domain's share of the loss weight, summed over steps
+            steps = sorted(set().union(*(step_tokens(ix) for ix in indexes)))
             passes = [step_batches(ix, cfg.batch_tokens) for ix in indexes]
-            for step in sorted(set().union(*tokens)):
+            for step in steps:
                 n = max(p.get(step, 0) for p in passes)
+                weights = rank_weights(indexes, step, cfg.balance)  # from the whole step's counts: exact per rank
+                for d, w in _domain_shares(indexes, step, weights).items():
+                    shares[d] += w
                 per_rank = [RankStep(rank_root(cache_root, k), r, policy, cfg.batch_tokens, step, n,
-                                     tokenizer.pad_token_id, domains, _pad_teacher(indexes, step))
+                                     tokenizer.pad_token_id, domains, _pad_teacher(indexes, step), weights[k])
                             for k in range(len(indexes))]
-                out = group.train_step_ranks(per_rank, objective, denominator=sum(t.get(step, 0) for t in tokens),
-                                             label=f"round {r} step {step + 1}")
+                out = group.train_step_ranks(per_rank, objective, denominator=1.0, label=f"round {r} step {step + 1}")
                 for k, v in out.items():
                     sums[k] += v
             loads = group.apply(_release_heads)[0]
@@ -233,15 +243,19 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
     # ---- end of round: checkpoint first, so a kill after it never repeats the round
     group.save(ctx.checkpoint_dir, r, cfg.keep_checkpoints)
     group.apply(functools.partial(rank_prune, cache_root=cache_root, keep=cfg.keep_rounds))
-    tokens = sum(v for k, v in sums.items() if k.startswith("count/domain/"))
+    per_domain = {k.removeprefix("count/domain/"): int(v) for k, v in sorted(sums.items())
+                  if k.startswith("count/domain/")}
+    tokens = sum(per_domain.values())
     divergences = {k.removeprefix("sum/"): v / sums["count/" + k.removeprefix("sum/")]
                    for k, v in sums.items() if k.startswith("sum/")}
     n_bytes = sum(s["bytes"] for ix in indexes for s in ix["shards"])
-    loss = sum(v for k, v in sums.items() if k.startswith("sum/domain/")) / max(tokens, 1)
+    loss = sums["loss"] / max(len(steps), 1)  # each step's loss is already its balanced mean
     ctx.log_metrics(r, {
         "round": r,
         "loss": loss,
         **{f"{cfg.divergence}/{k}": v for k, v in sorted(divergences.items())},
+        **{f"tokens/domain/{d}": n for d, n in per_domain.items()},
+        **{f"weight/domain/{d}": shares[d] / max(len(steps), 1) for d in per_domain},
         "response_len/mean": sum(len(ro.response_ids) for ro in rollouts) / max(len(rollouts), 1),
         "samples": len(rollouts),
         "tokens": tokens,
@@ -250,7 +264,9 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
         **{k: v for k, v in synced.items() if k != "sync/bytes"},
         **times,
     })
-    log.info("opd round %d: loss %.4f over %d tokens", r, loss, tokens)
+    log.info("opd round %d: loss %.4f over %d trained tokens; per domain (tokens, share of the loss, balance %s): %s",
+             r, loss, tokens, cfg.balance,
+             ", ".join(f"{d} {n} {shares[d] / max(len(steps), 1):.2f}" for d, n in per_domain.items()))
 
 
 def _fetch_teachers(remote: dict[int, str], paths: list[Path], weights: bool = True) -> None:
@@ -265,6 +281,15 @@ def _fetch_teachers(remote: dict[int, str], paths: list[Path], weights: bool = T
 def _drop_teachers(remote: dict[int, str], paths: list[Path]) -> None:
     for i in remote:
         shutil.rmtree(paths[i], ignore_errors=True)
+
+
+def _domain_shares(indexes: list[dict], step: int, weights: list[list[float]]) -> dict[str, float]:
+    """Each domain's share of step `step`'s loss weight (the shares sum to 1), to show the balance."""
+    out: dict[str, float] = defaultdict(float)
+    for ix, ws in zip(indexes, weights):
+        for s, w in zip(step_samples(ix, step), ws):
+            out[s["domain"]] += w * s["rows"][1]
+    return out
 
 
 def _pad_teacher(indexes: list[dict], step: int) -> tuple[int, int]:

@@ -107,9 +107,13 @@ def write_teacher_cache(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
 ) -> None:
-    """Load each teacher in turn, encode its rollouts, append the response states to the cache, free it.
+    """Load each teacher in turn, encode its rollouts, append the states of their trained tokens to the
+    cache, free it.
 
-    Only one teacher model is in memory at a time; teachers with no rollouts are never loaded.
+    The teacher reads each whole sequence (an agent episode's tool results included: they are its
+    context too) and the cache keeps its states only where the rollout's `loss_mask` is 1, the
+    tokens the student sampled. Only one teacher model is in memory at a time; teachers with no
+    rollouts are never loaded.
     """
     for t in sorted({t for t, _ in groups}):
         model = load(teacher_paths[t]).to(device).eval()
@@ -125,7 +129,9 @@ def write_teacher_cache(
                     row = 0
                     for r, seq, p in zip(chunk, seqs, lens):
                         k = len(seq) - p
-                        writer.add(t, r.sample_id, r.domain, seq.tolist(), p, states[row : row + k], step=step)
+                        trained = torch.tensor(r.loss_mask, dtype=torch.bool, device=states.device)
+                        writer.add(t, r.sample_id, r.domain, seq.tolist(), p, states[row : row + k][trained],
+                                   step=step, loss_mask=r.loss_mask)
                         row += k
                 n += len(rollouts)
         del model
@@ -138,7 +144,8 @@ def write_teacher_cache(
 @torch.no_grad()
 def on_policy_kl(student, teacher, tokenizer, samples: list[dict], max_new_tokens: int = 16, seed: int = 0,
                  divergence: str = "reverse_kl") -> float:
-    """Mean per-token KL(student || teacher) over responses the student samples for `samples`.
+    """Mean per-token KL(student || teacher) over the tokens the student samples for `samples`
+    (a forced `</think>` is not the student's: left out, as in training).
 
     The measure OPD minimises, taken on held-out prompts to show the student moving toward a teacher.
     """
@@ -153,8 +160,9 @@ def on_policy_kl(student, teacher, tokenizer, samples: list[dict], max_new_token
     lens = [len(r.prompt_ids) for r in rollouts]
     hs = response_hidden(student, seqs, lens, tokenizer.pad_token_id)
     ht = response_hidden(teacher, seqs, lens, tokenizer.pad_token_id)
+    mask = torch.tensor([m for r in rollouts for m in r.loss_mask], dtype=torch.bool, device=hs.device)
     out = distill_loss(hs, student.get_output_embeddings().weight, ht, teacher.get_output_embeddings().weight,
-                       divergence=divergence)
+                       mask, divergence=divergence)
     return out.loss.item()
 
 

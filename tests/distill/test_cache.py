@@ -12,9 +12,10 @@ from distill.cache import CacheError, CacheReader, CacheWriter, list_rounds, pru
 TEACHERS = [{"name": f"t{i}", "path": f"/ckpt/t{i}", "domains": [f"d{i}"]} for i in range(3)]
 
 
-def _write(root, round_id=1, policy="p", shard_rows=10, n_per_teacher=4, hidden=8, steps=1):
+def _write(root, round_id=1, policy="p", shard_rows=10, n_per_teacher=4, hidden=8, steps=1, masked=False):
     """Write samples for 3 teachers, teacher-major as the teacher forward does; returns
-    {sample_id: (input_ids, prompt_len, hidden)}."""
+    {sample_id: (input_ids, prompt_len, hidden, loss_mask)}. `masked`: the second response token of
+    each sample of 3 or more is not trained (a tool result, a forced `</think>`), so it has no state."""
     g = torch.Generator().manual_seed(round_id)
     want = {}
     with CacheWriter(root, round_id, TEACHERS, policy=policy, shard_rows=shard_rows) as w:
@@ -23,10 +24,11 @@ def _write(root, round_id=1, policy="p", shard_rows=10, n_per_teacher=4, hidden=
                 for k in range(n_per_teacher):
                     plen, rlen = 3 + k, 2 + (k * 3) % 5
                     ids = torch.randint(0, 100, (plen + rlen,), generator=g).tolist()
-                    h = torch.randn(rlen, hidden, generator=g)
+                    mask = [0 if masked and j == 1 and rlen >= 3 else 1 for j in range(rlen)]
+                    h = torch.randn(sum(mask), hidden, generator=g)
                     sid = f"s{t}_{step}_{k}"
-                    w.add(t, sid, f"d{t}", ids, plen, h, step=step)
-                    want[sid] = (ids, plen, h)
+                    w.add(t, sid, f"d{t}", ids, plen, h, step=step, loss_mask=mask)
+                    want[sid] = (ids, plen, h, mask)
     return want
 
 
@@ -34,7 +36,7 @@ def _write(root, round_id=1, policy="p", shard_rows=10, n_per_teacher=4, hidden=
 def test_round_trip_in_teacher_order_on_any_fsspec_url(tmp_path, kind):
     root = {"local": str(tmp_path / "cache"), "file_url": f"file://{tmp_path}/cache",
             "memory": f"memory://opd-{uuid.uuid4().hex}"}[kind]
-    want = _write(root, steps=2)
+    want = _write(root, steps=2, masked=True, shard_rows=8)
     reader = CacheReader(root, 1, policy="p", batch_tokens=20)
     assert len(reader.index["shards"]) > 6, "small shard_rows splits a group over several shards"
     seen, order = {}, []
@@ -43,16 +45,18 @@ def test_round_trip_in_teacher_order_on_any_fsspec_url(tmp_path, kind):
         assert set(b.domains) == {f"d{b.teacher}"}, "a batch holds one teacher's samples only"
         assert sum(len(i) for i in b.input_ids) <= 20 or len(b.input_ids) == 1
         rows = 0
-        for sid, ids, plen, n in zip(b.sample_ids, b.input_ids, b.prompt_lens, b.response_lens):
-            seen[sid] = (ids.tolist(), plen, b.hidden[rows : rows + n])
+        for sid, ids, plen, n, m in zip(b.sample_ids, b.input_ids, b.prompt_lens, b.trained_lens, b.loss_masks):
+            assert len(m) == len(ids) - plen
+            seen[sid] = (ids.tolist(), plen, b.hidden[rows : rows + n], m.int().tolist())
             rows += n
         assert rows == b.hidden.shape[0]
     # written teacher-major, read step-major: every step walks the teachers in order
     assert order == sorted(order) and set(order) == {(s, t) for s in range(2) for t in range(3)}
-    assert sum(reader.step_tokens().values()) == sum(h.shape[0] for _, _, h in want.values())
+    assert sum(reader.step_tokens().values()) == sum(sum(m) for *_, m in want.values())
     assert seen.keys() == want.keys()
-    for sid, (ids, plen, h) in want.items():
-        assert seen[sid][0] == ids and seen[sid][1] == plen
+    assert any(0 in m for *_, m in want.values())
+    for sid, (ids, plen, h, mask) in want.items():
+        assert seen[sid][0] == ids and seen[sid][1] == plen and seen[sid][3] == mask
         assert seen[sid][2].dtype == torch.bfloat16
         torch.testing.assert_close(seen[sid][2], h.bfloat16())
     assert list_rounds(root) == [1]
@@ -190,6 +194,39 @@ def test_a_shard_that_disagrees_with_its_entry_is_named_when_read(tmp_path):
     (rdir / "index.json").write_text(json.dumps(sign_index(index)))
     with pytest.raises(CacheError, match=f"{entry['file']} holds hidden .* index says"):
         list(CacheReader(root, 1))
+
+
+def test_a_loss_mask_that_disagrees_with_its_entry_is_named_when_read(tmp_path):
+    """A shard whose loss mask marks a prompt token as trained (its rows then belong to other tokens),
+    signed to match, is refused before any of it trains."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    root = str(tmp_path / "cache")
+    _write(root, masked=True)
+    rdir = tmp_path / "cache" / "round_000001"
+    index = json.loads((rdir / "index.json").read_text())
+    entry = index["shards"][0]
+    raw = (rdir / entry["file"]).read_bytes()
+    tensors = load(raw)
+    tensors["loss_mask"][0] = 1  # the first sample's first prompt token
+    data = save(tensors, metadata={"round": "1", "step": "0", "teacher": "0"})
+    (rdir / entry["file"]).write_bytes(data)
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (rdir / "index.json").write_text(json.dumps(sign_index(index)))
+    with pytest.raises(CacheError, match=f"{entry['file']}: sample 's0_0_0'.s loss mask does not match"):
+        list(CacheReader(root, 1))
+
+
+def test_writer_refuses_states_that_do_not_match_the_mask(tmp_path):
+    w = CacheWriter(str(tmp_path), 0, TEACHERS)
+    with pytest.raises(ValueError, match="3 hidden rows for 2 trained tokens"):
+        w.add(0, "a", "d0", [1, 2, 3, 4, 5], 2, torch.zeros(3, 4), loss_mask=[1, 0, 1])
+    with pytest.raises(ValueError, match="no trained tokens"):
+        w.add(0, "a", "d0", [1, 2, 3], 2, torch.zeros(0, 4), loss_mask=[0])
+    with pytest.raises(ValueError, match="loss_mask must be 3 zeros and ones"):
+        w.add(0, "a", "d0", [1, 2, 3, 4, 5], 2, torch.zeros(2, 4), loss_mask=[1, 1])
 
 
 def test_writer_requires_each_group_together(tmp_path):
