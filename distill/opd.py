@@ -1,7 +1,8 @@
 """Stage `opd`: merge domain experts into one student by on-policy distillation (DeepSeek-V4 recipe).
 
 Each round: the student's weights go to the rollout workers (sync), which sample responses to
-prompts from every domain on HF or vLLM, the same rollout as GRPO's (generate); on every learner rank, each teacher in turn encodes that rank's share of the
+prompts from every domain on HF or vLLM, the same rollout as GRPO's, agent prompts as whole sandbox
+episodes (generate); on every learner rank, each teacher in turn encodes that rank's share of the
 samples of its domains and its last-layer states at the tokens the student sampled go to the rank's
 own cache (teacher_forward); each rank then streams its own cache teacher by teacher and the group
 minimises the divergence to the teacher of each sample's domain, each domain of a step weighing the
@@ -49,7 +50,7 @@ from learner.optim import Optim
 from pipeline.config import (MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps,
                              StorageModelRef, Tokens, UserError)
 from pipeline.context import MODEL_DIR, StageContext, timer
-from rollout.config import RolloutConfig
+from rollout.config import AgentConfig, RolloutConfig
 from rollout.sync import sync_weights
 from rollout.turns import render_prompt
 from rollout.types import Rollout
@@ -87,6 +88,8 @@ class Config(StageConfig):
         default_factory=StudentRollout,
         description="How the student samples (the rollout GRPO uses): engine, workers, max_new_tokens, "
                     "temperature (on-policy: keep 1); group_size responses per prompt.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="Agent-domain prompts run as whole sandbox "
+                               "episodes (turn and token limits); only the tokens the student wrote are distilled.")
     teacher_batch_size: BatchSize = Field(16, description="Sequences per teacher forward pass.")
     steps_per_round: int = Field(1, ge=1, le=MAX_BATCH, description="Optimizer steps per round, each over a mix of all domains; "
                                                    "1 is strictly on-policy. Heads load once per teacher per step.")
@@ -120,6 +123,11 @@ class Config(StageConfig):
         if ro.max_new_tokens > MAX_TOKENS or self.prompts_per_round * ro.group_size > MAX_BATCH:
             raise ValueError(f"rollout.max_new_tokens is at most {MAX_TOKENS} and prompts_per_round x "
                              f"rollout.group_size at most {MAX_BATCH}")
+        for field, value, most in (("agent.max_total_tokens", self.agent.max_total_tokens, MAX_TOKENS),
+                                   ("agent.max_turns", self.agent.max_turns, 1024),
+                                   ("agent.sandboxes", self.agent.sandboxes, 1024)):
+            if value > most:
+                raise ValueError(f"{field} is {value}; at most {most}")
         if is_url(self.student):
             raise ValueError(f"student: {self.student!r}: fsspec URLs are for teachers; the student is a stage "
                              "name or a local checkpoint directory")
@@ -174,7 +182,7 @@ def run(cfg: Config, ctx: StageContext, local: bool = False) -> None:
                                   beta=cfg.beta, chunk_size=cfg.chunk_size, domains=domains, teachers=names)
     workers: list = []
     try:
-        workers = start_workers(str(student_path), cfg.rollout, seed=ctx.seed, local=local)
+        workers = start_workers(str(student_path), cfg.rollout, cfg.agent, seed=ctx.seed, local=local)
         if resume:
             truncate_metrics(ctx.out_dir, start - 1)
             log.info("opd: resuming after round %d from %s", start - 1, resume)
@@ -199,8 +207,8 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
 
     with timer("sync", times):
         synced = sync_weights(group, workers, probe, cfg.rollout.sync_bucket_mb)
-    with timer("generate", times):  # a rollout with nothing sampled has nothing to learn
-        rollouts = [ro for ro in generate_on(workers, samples, step=r, episodes=False) if any(ro.loss_mask)]
+    with timer("generate", times):  # agent prompts: whole episodes; a rollout with nothing sampled has nothing to learn
+        rollouts = [ro for ro in generate_on(workers, samples, step=r, episodes=True) if any(ro.loss_mask)]
 
     # (teacher, step) -> rollouts; each domain's rollouts are dealt over the steps in turn, so every step
     # holds an even share of every domain (a domain-balanced step then never rests on one lone sample)
@@ -250,6 +258,7 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
                    for k, v in sums.items() if k.startswith("sum/")}
     n_bytes = sum(s["bytes"] for ix in indexes for s in ix["shards"])
     loss = sums["loss"] / max(len(steps), 1)  # each step's loss is already its balanced mean
+    agent = [ro for ro in rollouts if ro.episode is not None]
     ctx.log_metrics(r, {
         "round": r,
         "loss": loss,
@@ -257,6 +266,7 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
         **{f"tokens/domain/{d}": n for d, n in per_domain.items()},
         **{f"weight/domain/{d}": shares[d] / max(len(steps), 1) for d in per_domain},
         "response_len/mean": sum(len(ro.response_ids) for ro in rollouts) / max(len(rollouts), 1),
+        **({"agent/turns_mean": sum(ro.turns for ro in agent) / len(agent)} if agent else {}),
         "samples": len(rollouts),
         "tokens": tokens,
         "cache/bytes_per_token": n_bytes / max(tokens, 1),
