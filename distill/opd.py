@@ -120,9 +120,9 @@ class Config(StageConfig):
     @model_validator(mode="after")
     def _one_teacher_per_domain(self):
         ro = self.rollout
-        if ro.max_new_tokens > MAX_TOKENS or self.prompts_per_round * ro.group_size > MAX_BATCH:
-            raise ValueError(f"rollout.max_new_tokens is at most {MAX_TOKENS} and prompts_per_round x "
-                             f"rollout.group_size at most {MAX_BATCH}")
+        if ro.longest() > MAX_TOKENS or self.prompts_per_round * ro.group_size > MAX_BATCH:
+            raise ValueError(f"rollout.max_new_tokens (and each rollout.domains one) is at most {MAX_TOKENS} and "
+                             f"prompts_per_round x rollout.group_size at most {MAX_BATCH}")
         for field, value, most in (("agent.max_total_tokens", self.agent.max_total_tokens, MAX_TOKENS),
                                    ("agent.max_turns", self.agent.max_turns, 1024),
                                    ("agent.sandboxes", self.agent.sandboxes, 1024)):

@@ -284,3 +284,27 @@ def test_a_round_samples_the_student_on_vllm(toy_world, tmp_path):
         assert m["samples"] > 0 and m["response_len/mean"] > 0 and m["sync/probe_logp_gap"] < 1e-3
     before, after = load_model(student).state_dict(), load_model(ctx.out_dir / "model").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"
+
+
+def test_a_short_answer_domain_samples_within_its_own_budget(toy_world, tmp_path):
+    """`rollout.domains` gives one domain its own max_new_tokens (e.g. math 8 beside 64 for the rest).
+
+    The student is the untrained base model, which rarely ends a turn, so every response runs to its cap.
+    """
+    from distill.cache import CacheReader
+
+    rollout = {"group_size": 1, "reasoning": "think", "max_new_tokens": 64, "domains": {"d00": {"max_new_tokens": 8}}}
+    ctx = _ctx(tmp_path)
+    run(_cfg(toy_world, k=2, rounds=1, prompts_per_round=6, student=str(toy_world.base), rollout=rollout), ctx,
+        local=True)
+    index = CacheReader(str(ctx.out_dir / "cache" / "rank_00000"), 1).index
+    lens = {"d00": [], "d01": []}
+    for shard in index["shards"]:
+        for s in shard["samples"]:
+            lens[s["domain"]].append(s["ids"][1] - s["prompt_len"])
+    assert len(lens["d00"]) == len(lens["d01"]) == 3
+    assert max(lens["d00"]) <= 8 < max(lens["d01"]) <= 64, lens
+    from pipeline.config import MAX_TOKENS
+
+    with pytest.raises(ValueError, match="each rollout.domains one"):  # a domain's budget is validated too
+        _cfg(toy_world, k=2, rollout={**rollout, "domains": {"d00": {"max_new_tokens": MAX_TOKENS + 1}}})
