@@ -26,23 +26,32 @@ def batch_plan(n_rows: int, per_step: int, steps: int, seed: int) -> list[list[i
 
 
 def mixed_plan(groups: list[list[int]], shares: list[float], per_step: int, steps: int, seed: int) -> list[list[int]]:
-    """Row indices for every step, a fixed share of each step from each group (say, a domain's rows).
+    """Row indices for every step, each group (say, a domain's rows) taking its share of all rows drawn.
 
-    Each group is walked in its own shuffled epochs (`batch_plan`), so a small domain repeats rather
-    than vanishing from a mix dominated by a large one. A step's `per_step` rows are split over the
-    groups by largest remainder of `share * per_step`.
+    Slot after slot, the group furthest behind its share (`share * slots so far - rows it got`)
+    takes the next one, so every prefix of the run holds each group's share to within one row, and
+    a share smaller than one row per step still gets its rows (every few steps). Each group is
+    walked in its own shuffled epochs (`batch_plan`), so a small domain repeats rather than
+    vanishing from a mix dominated by a large one.
 
     >>> mixed_plan([[0, 1, 2, 3], [4, 5]], [3, 1], per_step=4, steps=2, seed=0)
     [[2, 0, 1, 5], [3, 0, 1, 4]]
+    >>> [len(step) for step in mixed_plan([[0], [1]], [0.9, 0.1], per_step=2, steps=10, seed=0)]
+    [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
     """
     total = sum(shares)
-    want = [per_step * s / total for s in shares]
-    counts = [int(w) for w in want]
-    for i in sorted(range(len(want)), key=lambda i: counts[i] - want[i])[: per_step - sum(counts)]:
-        counts[i] += 1
-    plans = [batch_plan(len(rows), n, steps, seed + g) if n else [[]] * steps
-             for g, (rows, n) in enumerate(zip(groups, counts))]
-    return [[groups[g][i] for g in range(len(groups)) for i in plans[g][step]] for step in range(steps)]
+    counts = [0] * len(groups)
+    per_group_step: list[list[int]] = []  # [step][group] -> rows of the group in the step
+    for step in range(steps):
+        now = [0] * len(groups)
+        for slot in range(step * per_step, (step + 1) * per_step):
+            g = max(range(len(groups)), key=lambda g: (shares[g] / total * (slot + 1) - counts[g], -g))
+            counts[g] += 1
+            now[g] += 1
+        per_group_step.append(now)
+    orders = [iter(i for step in batch_plan(len(rows), 1, counts[g], seed + g) for i in step) if counts[g] else iter(())
+              for g, rows in enumerate(groups)]
+    return [[groups[g][next(orders[g])] for g in range(len(groups)) for _ in range(now[g])] for now in per_group_step]
 
 
 def row_tokens(batch: Batch) -> list[int]:
