@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -196,8 +197,8 @@ def _reasoning_gym(cfg: DataConfig) -> list[dict]:
     rows = []
     for item in ds:
         answer = str(item["answer"])
-        working = item["metadata"].get("expression") if cfg.think else None
-        think = f"<think>\n{working} = {answer}\n</think>\n" if working else "<think>\n</think>\n"
+        working = worked_steps(item["metadata"].get("expression"), answer) if cfg.think else None
+        think = f"<think>\n{working}\n</think>\n" if working else "<think>\n</think>\n"
         rows.append(
             _normalise(
                 {"prompt": item["question"], "answer": answer, "completion": think + f"\\boxed{{{answer}}}",
@@ -207,6 +208,34 @@ def _reasoning_gym(cfg: DataConfig) -> list[dict]:
             )
         )
     return rows
+
+
+_CHAIN = re.compile(r"\s*-?\d+(\s*[-+]\s*\d+)+\s*")
+
+
+def worked_steps(expression: str | None, answer: str) -> str | None:
+    """The working an SFT target writes in its think block: a chain of + and - one operation per line,
+    left to right (each line a small step a tiny model can learn and reuse), else `expression = answer`.
+
+    >>> print(worked_steps("2 - 4 + 7", "5"))
+    2 - 4 = -2
+    -2 + 7 = 5
+    >>> worked_steps("3 * 4", "12")
+    '3 * 4 = 12'
+    """
+    if not expression:
+        return None
+    if not _CHAIN.fullmatch(expression):
+        return f"{expression} = {answer}"
+    terms = re.findall(r"[-+]|\d+", expression.replace(" ", ""))
+    if terms[0] == "-":
+        terms = [str(-int(terms[1]))] + terms[2:]
+    value, lines = int(terms[0]), []
+    for op, num in zip(terms[1::2], terms[2::2]):
+        new = value + int(num) if op == "+" else value - int(num)
+        lines.append(f"{value} {op} {num} = {new}")
+        value = new
+    return "\n".join(lines) if str(value) == str(answer).strip() else f"{expression} = {answer}"
 
 
 def _normalise(row: Any, cfg: DataConfig, where: str, need_completion: bool = False) -> dict:
