@@ -46,7 +46,8 @@ class RolloutWorker:
     def generate(self, samples: list[dict], first_group: int = 0, step: int = 0, episodes: bool = True) -> list[Rollout]:
         """G rollouts per sample, grouped: rollouts [g*G, (g+1)*G) answer samples[g].
 
-        Agent prompts run as sandbox episodes; `episodes=False` samples only their first turn (OPD).
+        Agent prompts run as sandbox episodes; `episodes=False` samples only their first turn. Each domain
+        named in `cfg.domains` is sampled with its own limits (`RolloutConfig.for_domain`).
         """
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + first_group)  # reproducible, resumable sampling
         # one generate call per (kind, limits) part: single-turn prompts, agent episodes, each domain's own limits

@@ -69,6 +69,15 @@ def test_good_workflow_orders_stages(tmp_path):
         (GOOD.replace("model: base", "model: s3://bucket/ckpt"),  # only OPD teachers are fetched from storage
          "stages.sft.config.model: 's3://bucket/ckpt' does not exist"),
         (GOOD + "sandbox: {size: 0}\n", "sandbox.size: Input should be greater than or equal to 1"),
+        (GOOD + "  ev: {kind: eval, needs: [sft], config: {models: [sft], relative: {sft: {math: base}}}}\n",
+         "relative.sft.math: 'base' is not one of models (sft)"),
+        (GOOD + "  ev: {kind: eval, needs: [base, sft], config: {models: [base, sft], model_domains: {sft: [code]}}}\n",
+         "model_domains.sft: 'code' is not a domain of data (math)"),
+        (GOOD + "  ev: {kind: eval, needs: [base, sft], config: {models: [base, sft], data: [{}, {domain: code, source: "
+         "generator, task: 'experts.tasks:code_samples'}], model_domains: {base: [code]}, relative: {sft: {math: base}}}}\n",
+         "relative.sft.math: 'base' is not scored on 'math' (model_domains)"),
+        (GOOD.replace("steps: 5", "steps: 5, mix: {math: 1, code: 1}"),
+         "mix names ['code', 'math']; give a share for each domain of data: ['math']"),
         (GOOD + "  x: [\n", "not valid YAML at line"),
         ("- just\n- a list\n", "expected a mapping"),
         (b"\xff\xfe\x00bad", "cannot read"),
