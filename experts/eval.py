@@ -151,13 +151,15 @@ def run(cfg: Config, ctx: StageContext) -> None:
     atomic_write_json(ctx.out_dir / "eval.json", {"metric": metrics, "scores": table, "relative": shares,
                                                   "details": results})
     ctx.log_metrics(0, {**{f"score/{dom}/{ref}": s for dom, row in table.items() for ref, s in row.items()},
-                        **{f"relative/{m}/{dom}": r["share"] for m, row in shares.items() for dom, r in row.items()}})
+                        **{f"relative/{m}/{dom}": r["share"] for m, row in shares.items() for dom, r in row.items()
+                           if r["share"] is not None}})
     log.info("%s: mean score per domain (%s)\n%s", ctx.name, ", ".join(f"{d}: {m}" for d, m in metrics.items()),
              format_table(table, cfg.models) + format_relative(shares))
 
 
 def relative_scores(table: dict[str, dict[str, float]], relative: dict[str, dict[str, str]]) -> dict[str, dict]:
-    """Each `relative` model's score per domain as a share of its reference's.
+    """Each `relative` model's score per domain as a share of its reference's (None where the reference
+    scores 0: no share of nothing is meaningful).
 
     >>> relative_scores({"math": {"t": 0.8, "s": 0.76}}, {"s": {"math": "t"}})
     {'s': {'math': {'reference': 't', 'score': 0.76, 'reference_score': 0.8, 'share': 0.95}}}
@@ -166,21 +168,24 @@ def relative_scores(table: dict[str, dict[str, float]], relative: dict[str, dict
     for model, by_domain in relative.items():
         for d, ref in by_domain.items():
             s, r = table[d][model], table[d][ref]
-            share = s / r if r > 0 else (1.0 if s >= r else 0.0)
             out.setdefault(model, {})[d] = {"reference": ref, "score": s, "reference_score": r,
-                                            "share": round(share, 4)}
+                                            "share": round(s / r, 4) if r > 0 else None}
     return out
 
 
 def format_relative(shares: dict[str, dict]) -> str:
     """One line per (model, domain) of `relative_scores`, after the table.
 
-    >>> print(format_relative(relative_scores({"math": {"t": 0.8, "s": 0.76}}, {"s": {"math": "t"}})))
+    >>> print(format_relative(relative_scores({"math": {"t": 0.8, "s": 0.76}, "code": {"t": 0.0, "s": 0.5}},
+    ...                                       {"s": {"math": "t", "code": "t"}})))
     <BLANKLINE>
     s on math: 0.760 = 95.0% of t (0.800)
+    s on code: 0.500, t scores 0
     """
     return "".join(f"\n{m} on {d}: {r['score']:.3f} = {100 * r['share']:.1f}% of {r['reference']} "
-                   f"({r['reference_score']:.3f})" for m, row in shares.items() for d, r in row.items())
+                   f"({r['reference_score']:.3f})" if r["share"] is not None else
+                   f"\n{m} on {d}: {r['score']:.3f}, {r['reference']} scores 0"
+                   for m, row in shares.items() for d, r in row.items())
 
 
 def format_table(table: dict[str, dict[str, float]], models: list[str] | None = None) -> str:
