@@ -121,4 +121,3 @@ def test_think_budget_forces_the_think_block_closed(echo):
         assert r.response_ids[0] == tok.convert_tokens_to_ids("<think>") and r.loss_mask[0] == 1
         assert r.response_ids[1] == tok.convert_tokens_to_ids("</think>") and r.loss_mask[1] == 0 and r.logprobs[1] == 0.0
         assert "boxed" in r.text and r.loss_mask[-1] == 1
-
