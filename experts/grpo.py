@@ -52,7 +52,7 @@ from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metr
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
 from learner.optim import Optim
-from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps
+from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, UserError
 from pipeline.context import MODEL_DIR, StageContext, atomic_write_text, timer
 from rewards import CombinedReward, RewardResult, RewardSpec
 from rewards.combine import reward_failed
@@ -476,8 +476,13 @@ class PromptPlan:
             self.plan = []
         elif cfg.mix:
             domains = list(cfg.mix)
-            self.plan = mixed_plan([[i for i, s in enumerate(samples) if s["domain"] == d] for d in domains],
-                                   [cfg.mix[d] for d in domains], cfg.prompts_per_step, cfg.steps, seed)
+            groups = [[i for i, s in enumerate(samples) if s["domain"] == d] for d in domains]
+            for d, g in zip(domains, groups):
+                if not g:
+                    raise UserError(f"mix: domain {d!r} has no training samples (their domains: "
+                                    f"{sorted({s['domain'] for s in samples})}; a record's own `domain` wins over "
+                                    "data.domain)")
+            self.plan = mixed_plan(groups, [cfg.mix[d] for d in domains], cfg.prompts_per_step, cfg.steps, seed)
         else:
             self.plan = batch_plan(len(samples), cfg.prompts_per_step, cfg.steps, seed)
         self.heldout = [{prompt_key(s) for s in load_samples(d, "heldout")} for d in cfg.data] if fresh else []

@@ -21,7 +21,7 @@ from learner.checkpoint import latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
 from learner.optim import Optim
-from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens
+from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens, UserError
 from pipeline.context import MODEL_DIR, StageContext, timer
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,10 @@ def run(cfg: Config, ctx: StageContext) -> None:
     if cfg.mix:  # rows are the samples, in order (no packing)
         domains = list(cfg.mix)
         groups = [[i for i, s in enumerate(samples) if s["domain"] == d] for d in domains]
+        for d, g in zip(domains, groups):
+            if not g:
+                raise UserError(f"mix: domain {d!r} has no training samples (their domains: "
+                                f"{sorted({s['domain'] for s in samples})}; a record's own `domain` wins over data.domain)")
         plan = mixed_plan(groups, [cfg.mix[d] for d in domains], cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
     else:
         plan = batch_plan(len(rows), cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)

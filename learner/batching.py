@@ -16,6 +16,8 @@ def batch_plan(n_rows: int, per_step: int, steps: int, seed: int) -> list[list[i
     >>> batch_plan(3, 2, 3, seed=0)
     [[0, 2], [1, 2], [1, 0]]
     """
+    if n_rows == 0 and steps * per_step > 0:
+        raise ValueError(f"no rows to plan {steps} steps of {per_step} from")
     rng = random.Random(seed)
     order: list[int] = []
     while len(order) < steps * per_step:

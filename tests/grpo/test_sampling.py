@@ -248,3 +248,12 @@ def test_mix_gives_each_domain_its_share_of_a_steps_prompts():
     assert 0.6 < drawn.count("code") / len(drawn) < 0.9
     with pytest.raises(ValidationError, match="give a share for each domain"):
         Config(model="m", data=[DataConfig(**ECHO), code], mix={"math": 1})
+
+
+def test_a_mix_domain_without_samples_is_one_clear_error():
+    """A record's own `domain` wins over data.domain: a mix share with no samples behind it fails at once, named."""
+    samples = [sample(f"m{i}") for i in range(4)]  # every record says math
+    cfg = Config(model="m", data=[DataConfig(**ECHO), DataConfig(**{**ECHO, "domain": "short"})],
+                 mix={"math": 1, "short": 1}, prompts_per_step=2, steps=2)
+    with pytest.raises(UserError, match="mix: domain 'short' has no training samples"):
+        PromptPlan(cfg, samples, seed=0)
