@@ -121,3 +121,23 @@ def test_think_budget_forces_the_think_block_closed(echo):
         assert r.response_ids[0] == tok.convert_tokens_to_ids("<think>") and r.loss_mask[0] == 1
         assert r.response_ids[1] == tok.convert_tokens_to_ids("</think>") and r.loss_mask[1] == 0 and r.logprobs[1] == 0.0
         assert "boxed" in r.text and r.loss_mask[-1] == 1
+
+
+def test_one_stage_trains_several_domains_each_scored_and_sampled_as_its_own(echo, ray_session, tmp_path):
+    """A mixed model's GRPO (the quickstart's baseline): two domains, each its share of a step's prompts, its own
+    generation budget and its own reward; a reward named for one domain adds nothing to the other's samples."""
+    data, sft, _ = echo
+    code = DataConfig(domain="code", source="generator", task="experts.tasks:code_samples", size=50, heldout=5)
+    cfg = Config(model=str(sft), data=[data, code], mix={"math": 3, "code": 1}, steps=2, prompts_per_step=8,
+                 rewards=RewardSpec(weights={"math": 1.0, "format": 0.1}, domains={"math": ["math"]}),
+                 lr=5e-4, micro_batch_size=64, overlong="none", save_every=2, reward_workers=0, max_refill_calls=0,
+                 rollout=RolloutConfig(group_size=4, max_new_tokens=16, reasoning="non_think",
+                                       domains={"code": {"max_new_tokens": 2}}))
+    run(cfg, StageContext("test", "mixed", tmp_path, seed=0))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:  # 6 math and 2 code prompts a step, 4 rollouts each, each domain within its own budget
+        assert (m["domain/math/rollouts"], m["domain/code/rollouts"]) == (24, 8)
+        assert m["domain/code/length_mean"] <= 2 < m["domain/math/length_mean"]
+        assert m["domain/code/reward_mean"] <= 0.1 + 1e-6, "code samples get the format reward only"
+    assert (tmp_path / "model" / "config.json").exists()
