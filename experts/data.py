@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from learner.batching import mixed_plan
 from pipeline.config import PathRef, StageConfig, UserError
 
 Split = Literal["train", "heldout", "all"]
@@ -116,6 +117,18 @@ def fresh_samples(cfg: DataConfig, n: int, seed: int, exclude: set[str] | frozen
 def prompt_key(sample: dict) -> str:
     """What makes two samples the same prompt: their messages (de-duplication and held-out checks use it)."""
     return json.dumps(sample["messages"], sort_keys=True)
+
+
+def domain_plan(mix: dict[str, float], samples: list[dict], per_step: int, steps: int, seed: int) -> list[list[int]]:
+    """Sample indices for every step, each domain of `mix` taking its share (`learner.batching.mixed_plan`);
+    a domain with no samples behind its share is a one-line error naming it (a record's own `domain`
+    wins over its source's `data.domain`)."""
+    groups = [[i for i, s in enumerate(samples) if s["domain"] == d] for d in mix]
+    for d, g in zip(mix, groups):
+        if not g:
+            raise UserError(f"mix: domain {d!r} has no training samples (their domains: "
+                            f"{sorted({s['domain'] for s in samples})}; a record's own `domain` wins over data.domain)")
+    return mixed_plan(groups, list(mix.values()), per_step, steps, seed)
 
 
 def sample_texts(samples: list[dict]) -> list[str]:

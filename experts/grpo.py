@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
-from experts.data import GENERATING, DataConfig, fresh_samples, load_samples, prompt_key
+from experts.data import GENERATING, DataConfig, domain_plan, fresh_samples, load_samples, prompt_key
 from experts.grpo_loss import (
     KLEstimator,
     LossAgg,
@@ -47,12 +47,12 @@ from experts.grpo_loss import (
     truncated_is_weights,
 )
 from experts.models import load_tokenizer
-from learner.batching import batch_plan, mixed_plan
+from learner.batching import batch_plan
 from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
 from learner.optim import Optim
-from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, UserError
+from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps
 from pipeline.context import MODEL_DIR, StageContext, atomic_write_text, timer
 from rewards import CombinedReward, RewardResult, RewardSpec
 from rewards.combine import reward_failed
@@ -475,14 +475,7 @@ class PromptPlan:
         if fresh:
             self.plan = []
         elif cfg.mix:
-            domains = list(cfg.mix)
-            groups = [[i for i, s in enumerate(samples) if s["domain"] == d] for d in domains]
-            for d, g in zip(domains, groups):
-                if not g:
-                    raise UserError(f"mix: domain {d!r} has no training samples (their domains: "
-                                    f"{sorted({s['domain'] for s in samples})}; a record's own `domain` wins over "
-                                    "data.domain)")
-            self.plan = mixed_plan(groups, [cfg.mix[d] for d in domains], cfg.prompts_per_step, cfg.steps, seed)
+            self.plan = domain_plan(cfg.mix, samples, cfg.prompts_per_step, cfg.steps, seed)
         else:
             self.plan = batch_plan(len(samples), cfg.prompts_per_step, cfg.steps, seed)
         self.heldout = [{prompt_key(s) for s in load_samples(d, "heldout")} for d in cfg.data] if fresh else []

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
-from experts.data import DataConfig, load_samples
+from experts.data import DataConfig, domain_plan, load_samples
 from experts.models import load_tokenizer
-from learner.batching import batch_plan, mixed_plan
+from learner.batching import batch_plan
 from learner.checkpoint import latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
 from learner.optim import Optim
-from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens, UserError
+from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps, Tokens
 from pipeline.context import MODEL_DIR, StageContext, timer
 
 log = logging.getLogger(__name__)
@@ -173,13 +173,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
     samples = [s for d in cfg.data for s in load_samples(d, "train", need_completion=True)]
     rows = build_rows(tok, samples, cfg.max_len, cfg.packing)
     if cfg.mix:  # rows are the samples, in order (no packing)
-        domains = list(cfg.mix)
-        groups = [[i for i, s in enumerate(samples) if s["domain"] == d] for d in domains]
-        for d, g in zip(domains, groups):
-            if not g:
-                raise UserError(f"mix: domain {d!r} has no training samples (their domains: "
-                                f"{sorted({s['domain'] for s in samples})}; a record's own `domain` wins over data.domain)")
-        plan = mixed_plan(groups, [cfg.mix[d] for d in domains], cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
+        plan = domain_plan(cfg.mix, samples, cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
     else:
         plan = batch_plan(len(rows), cfg.batch_size * cfg.grad_accum, cfg.steps, ctx.seed)
     resume = latest_checkpoint(ctx.checkpoint_dir)
