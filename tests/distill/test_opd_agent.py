@@ -1,7 +1,6 @@
 """OPD distils agent prompts as whole sandbox episodes, on the tokens the student wrote."""
 
 import json
-import subprocess
 
 import pytest
 import torch
@@ -15,19 +14,11 @@ from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
 from pipeline.context import StageContext
 from rollout.types import Completion
 from sandbox import toolcall
+from tests.conftest import sandbox_image_ok
 from tests.distill.conftest import TINY
 
 
-def _docker_ok() -> bool:
-    try:
-        from sandbox.image import DEFAULT_IMAGE
-
-        return subprocess.run(["docker", "image", "inspect", DEFAULT_IMAGE], capture_output=True).returncode == 0
-    except FileNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _docker_ok(), reason="needs Docker and the sandbox image (python -m sandbox build-image)")
+pytestmark = pytest.mark.skipif(not sandbox_image_ok(), reason="needs Docker and the sandbox image (python -m sandbox build-image)")
 
 
 class FirstTurnCallsATool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import json
-import subprocess
 
 import pytest
 
@@ -18,19 +17,10 @@ from rollout.config import AgentConfig, RolloutConfig
 from rollout.episodes import run_episodes
 from rollout.types import Completion
 from sandbox import toolcall
-from tests.conftest import TINY, quick_sft
+from tests.conftest import TINY, quick_sft, sandbox_image_ok
 
 
-def _docker_ok() -> bool:
-    try:
-        from sandbox.image import DEFAULT_IMAGE
-
-        return subprocess.run(["docker", "image", "inspect", DEFAULT_IMAGE], capture_output=True).returncode == 0
-    except FileNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _docker_ok(), reason="needs Docker and the sandbox image (python -m sandbox build-image)")
+pytestmark = pytest.mark.skipif(not sandbox_image_ok(), reason="needs Docker and the sandbox image (python -m sandbox build-image)")
 
 SYSTEM = "Use tools."
 
