@@ -119,6 +119,15 @@ def prompt_key(sample: dict) -> str:
     return json.dumps(sample["messages"], sort_keys=True)
 
 
+def check_mix(mix: dict[str, float], data: list[DataConfig]) -> None:
+    """A stage's `mix` names each domain of its data once, with a share above 0 (ValueError otherwise)."""
+    domains = {d.domain for d in data}
+    if mix and set(mix) != domains:
+        raise ValueError(f"mix names {sorted(mix)}; give a share for each domain of data: {sorted(domains)}")
+    if not all(v > 0 for v in mix.values()):
+        raise ValueError(f"mix: every share must be > 0, got {mix}")
+
+
 def domain_plan(mix: dict[str, float], samples: list[dict], per_step: int, steps: int, seed: int) -> list[list[int]]:
     """Sample indices for every step, each domain of `mix` taking its share (`learner.batching.mixed_plan`);
     a domain with no samples behind its share is a one-line error naming it (a record's own `domain`

@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
-from experts.data import GENERATING, DataConfig, domain_plan, fresh_samples, load_samples, prompt_key
+from experts.data import GENERATING, DataConfig, check_mix, domain_plan, fresh_samples, load_samples, prompt_key
 from experts.grpo_loss import (
     KLEstimator,
     LossAgg,
@@ -143,11 +143,7 @@ class Config(StageConfig):
 
     @model_validator(mode="after")
     def _mix_names_domains(self):
-        domains = {d.domain for d in self.data}
-        if self.mix and set(self.mix) != domains:
-            raise ValueError(f"mix names {sorted(self.mix)}; give a share for each domain of data: {sorted(domains)}")
-        if not all(v > 0 for v in self.mix.values()):
-            raise ValueError(f"mix: every share must be > 0, got {self.mix}")
+        check_mix(self.mix, self.data)
         return self
 
     @model_validator(mode="after")

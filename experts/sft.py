@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
-from experts.data import DataConfig, domain_plan, load_samples
+from experts.data import DataConfig, check_mix, domain_plan, load_samples
 from experts.models import load_tokenizer
 from learner.batching import batch_plan
 from learner.checkpoint import latest_checkpoint, truncate_metrics
@@ -59,14 +59,9 @@ class Config(StageConfig):
         if self.batch_size * self.max_len > MAX_TOKENS:
             raise ValueError(f"batch_size x max_len = {self.batch_size * self.max_len} tokens per micro-batch; "
                              f"at most {MAX_TOKENS}")
-        if self.mix:
-            domains = {d.domain for d in self.data}
-            if set(self.mix) != domains:
-                raise ValueError(f"mix names {sorted(self.mix)}; give a share for each domain of data: {sorted(domains)}")
-            if self.packing:
-                raise ValueError("mix needs packing: false (a packed row holds samples of several domains)")
-            if not all(v > 0 for v in self.mix.values()):
-                raise ValueError(f"mix: every share must be > 0, got {self.mix}")
+        check_mix(self.mix, self.data)
+        if self.mix and self.packing:
+            raise ValueError("mix needs packing: false (a packed row holds samples of several domains)")
         if self.batch_size * self.grad_accum > MAX_BATCH:
             raise ValueError(f"batch_size x grad_accum = {self.batch_size * self.grad_accum} sequences per step; "
                              f"at most {MAX_BATCH}")
