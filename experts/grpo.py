@@ -391,10 +391,11 @@ def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], c
         "response/truncated_frac": float(truncated.float().mean()) if len(truncated) else 0.0,
     }
     if len({d.domain for d in cfg.data}) > 1:  # a mixed model: how each domain fares on its own
-        flat = rewards.flatten()
+        flat, scored_rows = rewards.flatten(), counted.flatten()
         for d in sorted({r.domain for r in rollouts}):
             mine = torch.tensor([r.domain == d for r in rollouts])
-            metrics[f"domain/{d}/reward_mean"] = float(flat[mine & counted.flatten()].mean()) if (mine & counted.flatten()).any() else 0.0
+            hits = flat[mine & scored_rows]
+            metrics[f"domain/{d}/reward_mean"] = float(hits.mean()) if len(hits) else 0.0
             metrics[f"domain/{d}/length_mean"] = float(lengths[mine].float().mean())
             metrics[f"domain/{d}/rollouts"] = float(mine.sum())
     return idx, [float(adv[i]) for i in idx], metrics
