@@ -1,8 +1,13 @@
-"""Instruction-following reward: verifiable constraints in the spirit of IFEval (Zhou et al., 2023).
+"""Instruction-following reward: verifiable constraints, in our schema or in IFEval's (Zhou et al., 2023).
 
-A prompt's constraints live in `sample["meta"]["constraints"]` as `[{"type": ..., **kwargs}]`;
-each type is a small pure function `check(text, **kwargs) -> bool` in `CHECKS`, applied to the
-visible answer (after `</think>`). The score is the fraction satisfied, or 1/0 with `mode: all`.
+A prompt's constraints live in `sample["meta"]` in one of two shapes:
+- ours: `constraints: [{"type": ..., **kwargs}]`, each type a small pure function
+  `check(text, **kwargs) -> bool` in `CHECKS`;
+- IFEval's: `instruction_id_list: [...]` with `kwargs: [{...}, ...]`, one dict per id, checked
+  with IFEval's semantics by `rewards.ifeval` (which says which ids it supports and why it is a port).
+Either is applied to the visible answer (after `</think>`). The score is the fraction satisfied
+(IFEval's instruction-level accuracy) or 1/0 with `mode: all` (prompt-level); `strictness: loose`
+also tries IFEval's loose variants of the answer (first/last line dropped, '*' removed).
 Words are whitespace-separated tokens; sentences end in . ! or ?; paragraphs are separated by
 blank lines; keywords match whole words, case-insensitively; phrases match case-insensitively.
 """
@@ -15,6 +20,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from rewards.base import RewardResult, Sample
 from rewards.format import answer_text
+from rewards.ifeval import check_instructions, response_variants
 
 
 def _within(n: int, min: int | None, max: int | None) -> bool:
@@ -142,12 +148,14 @@ CHECKS: dict[str, Callable[..., bool]] = {
 }
 
 
-def check_constraints(text: str, constraints: Sequence[dict[str, Any]]) -> list[bool]:
-    """Whether `text` meets each constraint; an unknown type or bad kwargs raises ValueError.
+def check_constraints(text: str, constraints: Sequence[dict[str, Any]], loose: bool = False) -> list[bool]:
+    """Whether `text` meets each constraint (`loose`: any of IFEval's loose variants of it does);
+    an unknown type or bad kwargs raises ValueError.
 
     >>> check_constraints("HI THERE.", [{"type": "all_uppercase"}, {"type": "word_count", "min": 5}])
     [True, False]
     """
+    variants = response_variants(text, loose)
     out = []
     for c in constraints:
         kwargs = {k: v for k, v in c.items() if k != "type"}
@@ -155,44 +163,72 @@ def check_constraints(text: str, constraints: Sequence[dict[str, Any]]) -> list[
         if fn is None:
             raise ValueError(f"unknown constraint type {c.get('type')!r}; known: {', '.join(CHECKS)}")
         try:
-            out.append(bool(fn(text, **kwargs)))
+            out.append(any(bool(fn(v, **kwargs)) for v in variants if v.strip() or not loose))
         except TypeError as e:
             raise ValueError(f"constraint {c}: {e}") from None
     return out
 
 
+def check_sample(text: str, meta: dict[str, Any], loose: bool = False) -> tuple[list[str], list[bool]]:
+    """The names of a sample's constraints (ours or IFEval's) and whether `text` meets each.
+
+    An empty list where it has none; ValueError (one line) for an unknown type or an unsupported id.
+
+    >>> check_sample("a, b", {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]})
+    (['punctuation:no_comma'], [False])
+    """
+    if meta.get("instruction_id_list"):
+        ids = list(meta["instruction_id_list"])
+        return ids, check_instructions(text, ids, meta.get("kwargs"), loose=loose)
+    constraints = meta.get("constraints") or []
+    return [c.get("type") for c in constraints], check_constraints(text, constraints, loose=loose)
+
+
 class InstructionReward:
     """Fraction of the prompt's constraints the answer meets (`mode="all"`: 1.0 only if all are).
+
+    `strictness="loose"` also accepts an answer whose variant (IFEval's: first or last line dropped,
+    '*' removed) meets a constraint. A sample whose constraints cannot be checked (an unknown type, an
+    unsupported IFEval id, bad kwargs) scores 0.0 with the reason and `failed` in its details, so GRPO
+    leaves it out rather than train on a score the answer did not earn; the rest of the batch is scored.
 
     >>> s = {"completion": "<think>ok</think>\\nHELLO.", "meta": {"constraints": [
     ...     {"type": "all_uppercase"}, {"type": "end_with", "phrase": "bye"}]}}
     >>> r = InstructionReward()([s])[0]
     >>> r.score, r.reason
     (0.5, 'violated: end_with')
+    >>> s = {"completion": "Sure, here it is:\\nall lower case", "meta": {
+    ...     "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}}
+    >>> InstructionReward(strictness="strict")([s])[0].score, InstructionReward(strictness="loose")([s])[0].score
+    (0.0, 1.0)
     """
 
     name = "instruction"
 
-    def __init__(self, mode: Literal["fraction", "all"] = "fraction"):
+    def __init__(self, mode: Literal["fraction", "all"] = "fraction",
+                 strictness: Literal["strict", "loose"] = "strict"):
         if mode not in ("fraction", "all"):
             raise ValueError(f"mode must be 'fraction' or 'all', got {mode!r}")
+        if strictness not in ("strict", "loose"):
+            raise ValueError(f"strictness must be 'strict' or 'loose', got {strictness!r}")
         self.mode = mode
+        self.strictness = strictness
 
     def __call__(self, samples: Sequence[Sample]) -> list[RewardResult]:
         out = []
         for s in samples:
-            constraints = (s.get("meta") or {}).get("constraints") or []
-            if not constraints:
-                out.append(RewardResult(0.0, "sample has no constraints"))
-                continue
             try:
-                met = check_constraints(answer_text(s["completion"]), constraints)
+                names, met = check_sample(answer_text(s["completion"]), s.get("meta") or {},
+                                          loose=self.strictness == "loose")
             except ValueError as e:
-                out.append(RewardResult(0.0, str(e)))
+                out.append(RewardResult(0.0, str(e), {"failed": True}))
+                continue
+            if not met:
+                out.append(RewardResult(0.0, "sample has no constraints"))
                 continue
             frac = sum(met) / len(met)
             score = frac if self.mode == "fraction" else float(all(met))
-            violated = [c["type"] for c, ok in zip(constraints, met) if not ok]
+            violated = [n for n, ok in zip(names, met) if not ok]
             out.append(RewardResult(score, f"violated: {', '.join(violated)}" if violated else None,
                                     {"satisfied": sum(met), "total": len(met)}))
         return out
