@@ -6,9 +6,12 @@ Every source yields the same sample dict, which rewards, SFT, GRPO and distillat
      "completion": SFT target text or None, "meta": {...}}
 
 Sources: `reasoning_gym` (procedurally generated tasks shipped in that PyPI package), `jsonl`
-(one sample per line; `prompt` may stand in for `messages`), `hf` (a local `datasets` dataset),
-`generator` (any `module:function(n, seed, **task_args)` returning sample dicts, e.g.
-`rewards.if_data:if_samples` for instruction following).
+(one sample per line; `prompt` may stand in for `messages`), `hf` (through `datasets.load_dataset`:
+a local .json / .jsonl / .parquet / .csv file, a glob or a directory of them, a saved `datasets`
+directory, or a Hub dataset name read through the datasets cache), `generator` (any
+`module:function(n, seed, **task_args)` returning sample dicts, e.g. `rewards.if_data:if_samples`
+for instruction following). `columns` maps a file's or dataset's own column names onto ours
+(`columns: {prompt: question}`), and `answer_after: "####"` keeps a gsm8k-style answer's final number.
 The held-out split is taken after removing duplicate prompts, so no held-out prompt is trained on.
 Generating sources (`GENERATING`) can also make new problems on demand (`fresh_samples`, GRPO's
 `fresh_prompts`), never one whose prompt is held out.
@@ -18,6 +21,7 @@ its file and line; nothing is skipped silently.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import random
@@ -25,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from learner.batching import mixed_plan
 from pipeline.config import PathRef, StageConfig, UserError
@@ -33,6 +37,9 @@ from pipeline.config import PathRef, StageConfig, UserError
 Split = Literal["train", "heldout", "all"]
 MAX_SAMPLES = 10_000_000
 GENERATING = ("reasoning_gym", "generator")  # sources that make new samples from any seed
+# source: hf reads these file formats: the file ending -> the `datasets` builder that reads it
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+SampleField = Literal["messages", "prompt", "answer", "completion", "tests", "id", "domain"]
 
 
 class DataConfig(StageConfig):
@@ -47,8 +54,21 @@ class DataConfig(StageConfig):
         "basic_arithmetic", description="reasoning-gym dataset name, or `module:function` for source: generator."
     )
     task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task or generator.")
-    path: PathRef | None = Field(None, description="JSONL file (source: jsonl) or saved `datasets` dir (source: hf).")
-    hf_split: str = Field("train", description="Split to read from an hf dataset.")
+    path: PathRef | None = Field(None, description="JSONL file (source: jsonl); for source: hf a .json, .jsonl, "
+                                                    ".parquet or .csv file, a directory of them, or a saved `datasets` dir.")
+    files: str | None = Field(None, description="source: hf: a glob of local data files of one format, "
+                                                "e.g. `data/train-*.parquet`.")
+    dataset: str | None = Field(None, description="source: hf: a Hugging Face Hub dataset name, e.g. `openai/gsm8k`, "
+                                                  "read through the datasets cache (HF_HUB_OFFLINE=1: the cache only).")
+    subset: str | None = Field(None, description="source: hf: the Hub dataset's config name, e.g. `main` for openai/gsm8k.")
+    split: str = Field("train", description="source: hf: the dataset's own split to read; `heldout` samples are then "
+                                            "taken out of it.")
+    hf_split: None = Field(None, exclude=True, description="Renamed: now `split` (setting it is an error saying so).")
+    columns: dict[SampleField, str] = Field(
+        default_factory=dict, description="source: jsonl or hf: our sample field -> the data's own column, e.g. "
+                                          "{prompt: question, answer: answer}; `tests` lands in meta.tests.")
+    answer_after: str | None = Field(None, description="Keep the answer's text after the last occurrence of this "
+                                                       "marker, e.g. '####' for gsm8k (a number loses its commas).")
     size: int = Field(2000, ge=1, le=MAX_SAMPLES, description="Samples to generate (reasoning_gym) or to keep at most "
                                                                "(at most 10,000,000).")
     heldout: int = Field(200, ge=0, le=MAX_SAMPLES, description="Samples held out for evaluation, taken after de-duplication.")
@@ -56,17 +76,49 @@ class DataConfig(StageConfig):
     system: str | None = Field(None, description="System prompt added to every sample.")
     think: bool = Field(False, description="SFT targets write the answer's working inside the think block.")
 
+    @field_validator("hf_split", mode="before")
+    @classmethod
+    def _renamed(cls, value):
+        raise ValueError("renamed: now `split`")
+
     @model_validator(mode="after")
-    def _needs_path(self):
-        if self.source in ("jsonl", "hf") and not self.path:
-            raise ValueError(f"source {self.source!r} needs `path`")
+    def _source_fields(self):
+        if self.source == "hf":
+            _check_hf(self)
+        elif self.files or self.dataset or self.subset:
+            raise ValueError(f"files, dataset and subset are for source 'hf', not {self.source!r}")
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("source 'jsonl' needs `path`")
         if self.source == "jsonl" and Path(self.path).is_dir():
             raise ValueError(f"path {self.path!r} is a directory; source 'jsonl' reads a file")
-        if self.source == "hf" and Path(self.path).is_file():
-            raise ValueError(f"path {self.path!r} is a file; source 'hf' reads a saved `datasets` directory")
+        if (self.columns or self.answer_after) and self.source in GENERATING:
+            raise ValueError(f"columns and answer_after are for source 'jsonl' or 'hf', not {self.source!r}")
+        if {"messages", "prompt"} <= set(self.columns):
+            raise ValueError("columns: map `messages` or `prompt`, not both")
         if self.source == "generator":
             _generator(self.task)  # fails at load time, naming the function, not mid-run
         return self
+
+
+def _check_hf(cfg: DataConfig) -> None:
+    """source: hf reads exactly one of path, files, dataset; a local file or glob names a format we read."""
+    given = [f for f in ("path", "files", "dataset") if getattr(cfg, f)]
+    if len(given) != 1:
+        got = f"got {', '.join(given)}" if given else "got none"
+        raise ValueError(f"source 'hf' needs one of `path` (a local file or dir), `files` (a glob) or "
+                         f"`dataset` (a Hub name); {got}")
+    if cfg.subset and not cfg.dataset:
+        raise ValueError("subset names a config of a Hub `dataset`; local files have none")
+    if cfg.path and Path(cfg.path).is_file() and Path(cfg.path).suffix not in FORMATS:
+        raise ValueError(f"path {cfg.path!r}: source 'hf' reads {_formats()} files, a directory of them "
+                         f"or a saved `datasets` directory")
+    if cfg.files and Path(cfg.files).suffix not in FORMATS:
+        raise ValueError(f"files {cfg.files!r}: end the glob with the format, one of {_formats()} "
+                         f"(e.g. data/*.parquet)")
+
+
+def _formats() -> str:
+    return ", ".join(FORMATS)
 
 
 def load_samples(cfg: DataConfig, split: Split = "train", need_completion: bool = False) -> list[dict]:
@@ -157,18 +209,125 @@ def _read(cfg: DataConfig, need_completion: bool = False) -> list[dict]:
         return [_normalise(r, cfg, f"{cfg.task}[{i}]", need_completion) for i, r in enumerate(rows)]
     if cfg.source == "jsonl":
         return _read_jsonl(cfg, need_completion)
+    ds, where = _load_hf(cfg)
+    _check_columns(cfg, list(ds.column_names), where)
+    return [_normalise(_mapped(dict(r), cfg, f"{where}[{i}]"), cfg, f"{where}[{i}]", need_completion)
+            for i, r in enumerate(ds.select(range(min(cfg.size, len(ds)))))]
+
+
+def _load_hf(cfg: DataConfig):
+    """The `datasets.Dataset` of `cfg.split` behind source: hf, and the name errors give its rows."""
+    import datasets
+
+    if cfg.dataset:
+        return _load_hub(cfg), cfg.dataset + (f"[{cfg.subset}]" if cfg.subset else "")
+    if cfg.files:
+        files = sorted(glob.glob(cfg.files, recursive=True))
+        if not files:
+            raise UserError(f"data.files: {cfg.files!r} matches no file")
+        args, where = (FORMATS[Path(cfg.files).suffix],), cfg.files
+        kwargs = {"data_files": files}
+    else:
+        p, where = Path(cfg.path), cfg.path
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
+            return _load_saved(cfg), where
+        if p.is_dir() and not any(f.suffix in FORMATS for f in p.rglob("*") if f.is_file()):
+            raise UserError(f"{where}: neither a saved `datasets` dataset (no dataset_info.json or "
+                            f"dataset_dict.json) nor a directory of {_formats()} files")
+        args, kwargs = ((str(p),), {}) if p.is_dir() else ((FORMATS.get(p.suffix, "json"),), {"data_files": str(p)})
+    try:
+        return datasets.load_dataset(*args, split=cfg.split, **kwargs), where
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        # an unknown split (the message lists the known ones), or a file it cannot parse (the cause says where)
+        raise UserError(f"{where}: cannot read split {cfg.split!r}: {_first_line(e.__cause__ or e)}") from None
+
+
+def _load_saved(cfg: DataConfig):
     import datasets
 
     try:
         ds = datasets.load_from_disk(cfg.path)
         if isinstance(ds, datasets.DatasetDict):
-            ds = ds[cfg.hf_split]
+            ds = ds[cfg.split]
     except KeyError:
-        raise UserError(f"{cfg.path}: no split {cfg.hf_split!r} (data.hf_split)") from None
-    except (OSError, ValueError) as e:  # not a saved dataset, or a damaged one
-        raise UserError(f"{cfg.path}: cannot load a saved `datasets` dataset: {str(e).splitlines()[0]}") from None
-    return [_normalise(dict(r), cfg, f"{cfg.path}[{i}]", need_completion)
-            for i, r in enumerate(ds.select(range(min(cfg.size, len(ds)))))]
+        raise UserError(f"{cfg.path}: no split {cfg.split!r} (data.split)") from None
+    except (OSError, ValueError) as e:  # a damaged saved dataset
+        raise UserError(f"{cfg.path}: cannot load a saved `datasets` dataset: {_first_line(e)}") from None
+    return ds
+
+
+def _load_hub(cfg: DataConfig):
+    """A Hub dataset through the datasets cache; with HF_HUB_OFFLINE=1 (or no network) only a cached one loads."""
+    import datasets
+
+    name = repr(cfg.dataset) + (f" (subset {cfg.subset!r})" if cfg.subset else "")
+    try:
+        return datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
+    except ConnectionError as e:  # offline, or no network: the cache did not have it
+        offline = "HF_HUB_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE else "the Hub could not be reached"
+        raise UserError(f"data.dataset: {name} is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+                        f"and {offline}: {_first_line(e)}") from None
+    except FileNotFoundError as e:  # datasets.exceptions.DatasetNotFoundError: no such dataset, or no access
+        raise UserError(f"data.dataset: {name}: {_first_line(e)}") from None
+    except ValueError as e:  # an unknown subset or split: the message lists the known ones
+        raise UserError(f"data.dataset: {name}, split {cfg.split!r}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _check_columns(cfg: DataConfig, has: list[str], where: str) -> None:
+    """Every mapped column is there, and some column gives the prompt: else one line naming what it has."""
+    for field, column in cfg.columns.items():
+        if column not in has:
+            raise UserError(f"{where}: data.columns.{field}: no column {column!r}; it has {has}")
+    if not {"messages", "prompt"} & (set(cfg.columns) | set(has)):
+        raise UserError(f"{where}: needs a 'messages' or 'prompt' column (map one with data.columns, "
+                        f"e.g. {{prompt: question}}); it has {has}")
+
+
+def _mapped(row: Any, cfg: DataConfig, where: str) -> Any:
+    """A record under our field names (`cfg.columns`), its answer cut after `cfg.answer_after`."""
+    if not isinstance(row, dict) or not (cfg.columns or cfg.answer_after):
+        return row
+    out = dict(row)
+    for field, column in cfg.columns.items():
+        if column not in row:
+            raise UserError(f"{where}: data.columns.{field}: no column {column!r}; it has {sorted(map(str, row))}")
+        out[field] = row[column]
+    if "prompt" in cfg.columns:
+        out.pop("messages", None)  # a mapped prompt wins over a `messages` column the data happens to have
+    if "messages" in cfg.columns:
+        out.pop("prompt", None)
+    if "tests" in cfg.columns:
+        out["meta"] = {**(row.get("meta") if isinstance(row.get("meta"), dict) else {}),
+                       "tests": _tests(out.pop("tests"), where)}
+    if cfg.answer_after and out.get("answer") is not None:
+        out["answer"] = answer_after(str(out["answer"]), cfg.answer_after, where)
+    return out
+
+
+def _tests(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return value
+    raise UserError(f"{where}: tests: expected a string or a list of strings, got {_kind(value)}")
+
+
+def answer_after(text: str, marker: str, where: str = "answer") -> str:
+    """The text after the last `marker`, stripped; a number loses its thousands commas (gsm8k's "#### 1,000").
+
+    >>> answer_after("She has 3 + 4 = 7 apples.\\n#### 7", "####")
+    '7'
+    >>> answer_after("#### 1,250", "####")
+    '1250'
+    """
+    if marker not in text:
+        raise UserError(f"{where}: answer: no {marker!r} in {text[:60]!r} (data.answer_after)")
+    final = text.rsplit(marker, 1)[1].strip()
+    return final.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", final) else final
 
 
 def _read_jsonl(cfg: DataConfig, need_completion: bool) -> list[dict]:
@@ -194,7 +353,7 @@ def _read_jsonl(cfg: DataConfig, need_completion: bool) -> list[dict]:
                 raise UserError(f"{where}: not valid JSON: {e.msg}") from None
             except RecursionError:
                 raise UserError(f"{where}: JSON nested too deeply") from None
-            rows.append(_normalise(row, cfg, where, need_completion))
+            rows.append(_normalise(_mapped(row, cfg, where), cfg, where, need_completion))
     return rows[: cfg.size]
 
 

@@ -111,12 +111,13 @@ def test_data_path_of_the_wrong_kind_fails_at_validate(tmp_path):
     (tmp_path / "f.jsonl").write_text(GOOD_ROW + "\n")
     with pytest.raises(ValueError, match="is a directory; source 'jsonl' reads a file"):
         DataConfig(source="jsonl", path=str(tmp_path))
-    with pytest.raises(ValueError, match="is a file; source 'hf' reads a saved `datasets` directory"):
-        DataConfig(source="hf", path=str(tmp_path / "f.jsonl"))
+    (tmp_path / "f.txt").write_text("notes\n")
+    with pytest.raises(ValueError, match=r"f.txt': source 'hf' reads .json, .jsonl, .parquet, .csv files, a directory"):
+        DataConfig(source="hf", path=str(tmp_path / "f.txt"))
 
 
 def test_a_directory_that_is_not_a_dataset_is_one_line(tmp_path):
-    with pytest.raises(UserError, match=rf"^{tmp_path}: cannot load a saved `datasets` dataset"):
+    with pytest.raises(UserError, match=rf"^{tmp_path}: neither a saved `datasets` dataset .* nor a directory of "):
         load_samples(DataConfig(source="hf", path=str(tmp_path), heldout=0))
 
 
