@@ -2,7 +2,8 @@
 by any number of workers, plus the trainer state beside them.
 
     checkpoints/step_N/
-        dcp/            each rank's shards of model and optimizer state (DCP reshards on load)
+        dcp/            each rank's shards of model and optimizer state (DCP reshards on load); with
+                        LoRA only the adapters and their optimizer state
         trainer.pt      optimizer steps taken, LR schedule, RNG (rank 0's); the stage's own step is N
         COMPLETE        written last: a step_N without it is an interrupted save and is ignored
 
@@ -24,45 +25,64 @@ from pipeline.context import atomic_write_text
 TRAINER_STATE = "trainer.pt"
 
 
-def save_sharded(path: Path, model, optimizer, scheduler, state: dict, rank: int) -> None:
-    """Every rank writes its shards under `path/dcp`; rank 0 adds the trainer state. Collective."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def save_sharded(path: Path, model, optimizer, scheduler, state: dict, rank: int, trainable_only: bool = False) -> None:
+    """Every rank writes its shards under `path/dcp`; rank 0 adds the trainer state. Collective.
 
+    `trainable_only` (LoRA) leaves the frozen weights out: they are the starting model's, loaded again on resume.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=trainable_only)
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(path / "dcp"))
+        dcp.save({"model": _only_trainable(get_model_state_dict(model, options=opts), model, trainable_only)},
+                 checkpoint_id=str(path / "dcp"))
     else:
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+        msd = _only_trainable(msd, model, trainable_only)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
     if rank == 0:
         torch.save({**state, "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, path / TRAINER_STATE)
 
 
-def load_sharded(path: Path, model, optimizer, scheduler) -> int:
-    """Load `path`'s shards into this rank's model (and optimizer), whatever group wrote them; the step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def load_sharded(path: Path, model, optimizer, scheduler, trainable_only: bool = False) -> int:
+    """Load `path`'s shards into this rank's model (and optimizer), whatever group wrote them; the step.
 
+    `trainable_only`: as saved by `save_sharded(..., trainable_only=True)`; the frozen weights stay as loaded.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-        msd = get_model_state_dict(model)
+        msd = _only_trainable(get_model_state_dict(model, options=opts), model, trainable_only)
         dcp.load({"model": msd}, checkpoint_id=str(path / "dcp"))
-        set_model_state_dict(model, msd)
+        set_model_state_dict(model, msd, options=opts)
     else:
-        msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+        state = {"model": _only_trainable(msd, model, trainable_only), "optim": osd}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
     trainer = torch.load(path / TRAINER_STATE, weights_only=False)
     if scheduler is not None and trainer.get("scheduler") is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"]["torch"])
     random.setstate(trainer["rng"]["python"])
     return int(trainer["step"])
+
+
+def _only_trainable(msd: dict, model, trainable_only: bool) -> dict:
+    """`msd` without frozen weights when `trainable_only`; torch's ignore_frozen_params keeps a frozen tied
+    head (lm_head = embed_tokens) under its second name, a copy of the largest matrix."""
+    if not trainable_only:
+        return msd
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in msd.items() if k in trainable}
 
 
 def finish(tmp: Path, final: Path, step: int, keep: int) -> Path:

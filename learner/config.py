@@ -1,10 +1,13 @@
-"""The `learner:` block every training stage has: how many workers, where, sharded how, in what dtype."""
+"""The `learner:` block every training stage has: how many workers, where, sharded how, in what dtype, full
+fine-tuning or LoRA."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from learner.lora import LoraConfig
 
 
 class LearnerConfig(BaseModel):
@@ -34,6 +37,9 @@ class LearnerConfig(BaseModel):
                                                  "worker per node (Ray STRICT_SPREAD).")
     collective_timeout_s: float = Field(600.0, gt=0, le=86400, description="Timeout of every collective; a rank "
                                         "that stops answering fails the step instead of hanging it.")
+    lora: LoraConfig | None = Field(None, description="LoRA adapters (peft) instead of full fine-tuning, e.g. {r: 8, "
+                                    "alpha: 16, target_modules: [q_proj, v_proj]}: only they train; the weights synced "
+                                    "to rollouts and the saved model are merged. sft and grpo only. None: all weights train.")
 
     def resources(self, cpu_share: float = 1.0) -> dict[str, float]:
         """Ray resources the whole group holds; `cpu_share` scales each worker's CPUs (a reference copy: 1/4)."""

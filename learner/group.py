@@ -50,6 +50,11 @@ class WorkerGroup:
         the same LearnerWorker and batching, called directly."""
         self.cfg, self.name, self.model_path, self.local = cfg, name, str(model_path), local
         self.pg = None
+        if cfg.lora is not None and loader is not default_loader:
+            # A stage with its own loader (OPD's student, the reward model's scorer) trains parts LoRA would
+            # freeze (a head) or computes its loss around the model: it trains its model whole.
+            raise UserError(f"{name}: learner.lora is for sft and grpo; this stage trains its whole model "
+                            f"(remove learner.lora)")
         if local:
             if cfg.workers != 1:
                 raise UserError(f"{name}: a local learner runs one worker in this process; learner.workers is {cfg.workers}")

@@ -40,7 +40,9 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float, decay: str =
 
 
 def make_optimizer(model: torch.nn.Module, o: Optim):
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    """AdamW over the trainable parameters only (with LoRA, the adapters), and its schedule."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, o.warmup_steps, o.total_steps, o.min_lr_ratio, o.decay))
     return opt, sched

@@ -120,6 +120,10 @@ class LearnerWorker:
                 inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora is not None:  # before sharding: FSDP2 shards the adapters with their layer
+            from learner.lora import add_adapters
+
+            add_adapters(model, cfg.lora)
         self.model = self._shard(model)
         self.opt = self.sched = None
         if optim is not None:
@@ -128,8 +132,20 @@ class LearnerWorker:
         if resume is not None:
             from learner.checkpoint import load_sharded
 
-            self.step = load_sharded(Path(resume), self.model, self.opt, self.sched)
+            self.step = load_sharded(Path(resume), self.model, self.opt, self.sched, trainable_only=self.lora)
         return self.step
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.lora is not None
+
+    def _merged(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` under the base model's names, LoRA adapters merged in (as is without LoRA)."""
+        if not self.lora:
+            return state
+        from learner.lora import merge_adapters
+
+        return merge_adapters(state, self.cfg.lora.scale)
 
     @property
     def sharded(self) -> bool:
@@ -221,14 +237,14 @@ class LearnerWorker:
 
     # -- state ---------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model in HF names on rank 0 (gathered; every rank must call), None elsewhere."""
+        """The whole model in HF names on rank 0 (gathered; every rank must call), None elsewhere; LoRA merged."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return None
         prefix = "inner." if hasattr(self.model, "inner") else ""  # a loss-computing wrapper keeps the HF model there
-        return {k.removeprefix(prefix): v for k, v in sd.items()}
+        return self._merged({k.removeprefix(prefix): v for k, v in sd.items()})
 
     def push_weights(self, targets: list, bucket_bytes: int) -> dict[str, int]:
         """Stream the model to rollout `targets` in HF names, whole decoder layers per bucket.
@@ -236,7 +252,8 @@ class LearnerWorker:
         Every rank must call: each parameter is gathered (FSDP2's all-gather) on every rank in the same
         order, and rank 0 sends each bucket as soon as it is full, so only one bucket is ever held or
         in flight (never a whole model). A target is a Ray actor or a plain object with `load_bucket`
-        and `finish_sync` (a local rollout worker).
+        and `finish_sync` (a local rollout worker). With LoRA each bucket is merged before it goes (a
+        bucket holds whole layers, adapters with their base weights): targets get plain HF weights.
         """
         prefix = "inner." if hasattr(self.model, "inner") else ""
         state = self.model.state_dict()  # DTensor shards under FSDP2: gathered one at a time below
@@ -256,6 +273,7 @@ class LearnerWorker:
                 if self.rank == 0:
                     bucket[k.removeprefix(prefix)] = full.detach().to("cpu")
             if self.rank == 0:
+                bucket = self._merged(bucket)
                 _send(targets, "load_bucket", bucket)
                 sent += sum(v.numel() * v.element_size() for v in bucket.values())
                 buckets += 1
@@ -287,7 +305,8 @@ class LearnerWorker:
         """Resumable checkpoint: each rank writes its shards; rank 0 the step count, schedule and RNG."""
         from learner.checkpoint import save_sharded
 
-        save_sharded(Path(path), self.model, self.opt, self.sched, {"step": self.step}, self.rank)
+        save_sharded(Path(path), self.model, self.opt, self.sched, {"step": self.step}, self.rank,
+                     trainable_only=self.lora)
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds of parameters and of optimizer state (its shards only, under FSDP2)."""
