@@ -12,7 +12,8 @@ Set-up (samples, prompt plan, actors), one loop of steps, save. Each step:
     sync      new weights stream to the rollout actors layer by layer; a probe batch proves they arrived
 
 Ray actors are thin shells over plain classes: `RolloutWorker` (rollout.worker), `GRPOLearner`
-and `ReferencePolicy` (here; the reference is skipped when `kl_coef` is 0), `RayRewardPool`
+and `ReferencePolicy` (here; the reference is skipped when `kl_coef` is 0, and with `learner.lora` it
+is the learner's own base weights, adapters off: `BaseWeightsReference`), `RayRewardPool`
 (rewards.workers). The math lives in `experts.grpo_loss`; docs/grpo.md lists every choice.
 """
 
@@ -51,6 +52,7 @@ from learner.batching import batch_plan
 from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
 from learner.group import WorkerGroup
+from learner.lora import without_adapters
 from learner.optim import Optim
 from pipeline.config import MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps
 from pipeline.context import MODEL_DIR, StageContext, atomic_write_text, timer
@@ -68,7 +70,8 @@ log = logging.getLogger(__name__)
 
 class Config(StageConfig):
     model: ModelRef = Field(description="Starting checkpoint (usually the domain's SFT stage).")
-    ref_model: ModelRef | None = Field(None, description="Reference policy for the KL term; None: `model`.")
+    ref_model: ModelRef | None = Field(None, description="Reference policy for the KL term; None: `model` (with "
+                                       "learner.lora: the learner's base weights, adapters off, no second copy).")
     data: list[DataConfig] = Field(default_factory=lambda: [DataConfig()], description="Prompts (train split): "
                                    "the expert's domain, or a list of domains trained at once (a mixed model; give "
                                    "`rewards.domains` and `rollout.domains` so each is scored and sampled as its own).")
@@ -248,7 +251,7 @@ class ReferencePolicy:
         self.cfg = cfg
         # Same workers and sharding as the learner; a quarter of its CPUs, since it only runs forward
         # passes and the phases of a step run one at a time (2 cores hold the whole stage).
-        ref = cfg.learner.model_copy(update={"cpus_per_worker": cfg.learner.cpus_per_worker / 4})
+        ref = cfg.learner.model_copy(update={"cpus_per_worker": cfg.learner.cpus_per_worker / 4, "lora": None})
         self.group = WorkerGroup(model_path, ref, None, name="grpo reference", local=local)
 
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -256,6 +259,28 @@ class ReferencePolicy:
 
     def close(self) -> None:
         self.group.close()
+
+
+def reference_is_base(cfg: Config) -> bool:
+    """With LoRA and no other reference model, the reference policy is the learner's base weights."""
+    return cfg.learner.lora is not None and cfg.ref_model in (None, cfg.model)
+
+
+class BaseWeightsReference:
+    """The reference policy of a LoRA learner: its own frozen base weights, adapters off for the forward
+    (TRL's `disable_adapter()`), so no second model is loaded and no reference group is started."""
+
+    def __init__(self, learner: GRPOLearner):
+        self.learner = learner
+
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.learner.cfg
+        fn = functools.partial(without_adapters, fn=functools.partial(next_token_logprobs,
+                                                                      temperature=cfg.rollout.temperature))
+        return self.learner.group.forward(batch, fn, cfg.micro_batch_size)
+
+    def close(self) -> None:
+        pass  # the learner's group: closed by its owner
 
 
 class GRPOLearner:
@@ -571,7 +596,7 @@ def probe_rows(tokenizer, samples: list[dict], cfg: Config) -> list[list[int]]:
 def resources(cfg: Config) -> dict[str, float]:
     """Ray resources the stage holds at once at most: learner, rollout actors, reference group, reward actors."""
     parts = [cfg.learner.resources(), cfg.rollout.resources(), {"CPU": cfg.reward_workers * cfg.reward_cpus}]
-    if cfg.kl_coef > 0:
+    if cfg.kl_coef > 0 and not reference_is_base(cfg):
         parts.append(cfg.learner.resources(cpu_share=1 / 4))  # ReferencePolicy: same workers, a quarter of the CPUs
     return {k: sum(p.get(k, 0.0) for p in parts) for k in ("CPU", "GPU")}
 
@@ -591,7 +616,9 @@ def run(cfg: Config, ctx: StageContext) -> None:
     ref = scorer = None
     try:
         workers = start_workers(model_path, cfg.rollout, cfg.agent, ctx.seed)
-        if cfg.kl_coef > 0:  # no reference actor at all when the KL term is off
+        if cfg.kl_coef > 0 and reference_is_base(cfg):
+            ref = BaseWeightsReference(learner)
+        elif cfg.kl_coef > 0:  # no reference actor at all when the KL term is off
             ref = ReferencePolicy(str(ctx.model_path(cfg.ref_model or cfg.model)), cfg)
         if cfg.reward_workers:
             from rewards.workers import RayRewardPool
@@ -609,7 +636,8 @@ def run(cfg: Config, ctx: StageContext) -> None:
             scorer.close()
 
 
-def _train(cfg: Config, ctx: StageContext, learner: GRPOLearner, workers: list, ref: ReferencePolicy | None, scorer,
+def _train(cfg: Config, ctx: StageContext, learner: GRPOLearner, workers: list,
+           ref: ReferencePolicy | BaseWeightsReference | None, scorer,
            plan: PromptPlan, probe: list[list[int]], tok, resume) -> None:
     """The loop of steps (generate, score, train, sync), then the final model."""
     ro = cfg.rollout

@@ -2,7 +2,8 @@
 
 Set-up (tokenise, plan batches, start the learner group), one loop of optimizer steps, save.
 The learner is a `learner.WorkerGroup` (`learner:` block: workers, FSDP2 or DDP, dtype); the loop
-hands it each step's rows and `sft_loss`, and never knows how many workers there are.
+hands it each step's rows and `sft_loss`, and never knows how many workers there are. With
+`learner.lora` only LoRA adapters train, and `model/` is the merged plain checkpoint (docs/grpo.md).
 """
 
 from __future__ import annotations
