@@ -1,4 +1,7 @@
-"""`python -m pipeline validate|run|submit FILE`: the workflow command line."""
+"""`python -m pipeline validate|run|submit FILE [KEY=VALUE ...]`: the workflow command line.
+
+KEY=VALUE overrides a field of the file, as Hydra users type it: `stages.grpo_math.config.lr=1e-4
+seed=3` (`pipeline.overrides`)."""
 
 from __future__ import annotations
 
@@ -41,15 +44,20 @@ def positive(text: str) -> int:
     return n
 
 
+OVERRIDES_HELP = "override a field of the file: stages.NAME.config.FIELD=VALUE (VALUE is YAML), seed=3, ~KEY to unset"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate", help="check a workflow and print its stage graph")
     v.add_argument("file", type=Path)
+    v.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     for name, text in (("run", "run stages here (embedded Ray, or --address)"),
                        ("submit", "submit each stage as its own Ray job")):
         r = sub.add_parser(name, help=text)
         r.add_argument("file", type=Path)
+        r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
         r.add_argument("--stage", help="only this stage (its needs must have finished)")
         r.add_argument("--runs-dir", type=Path, default=Path("runs"), help="artifact root (default: runs/)")
         r.add_argument("--force", action="store_true", help="redo stages that already finished")
@@ -57,10 +65,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="Ray cluster (run: ray://host:10001 or auto; submit: http://host:8265)")
         r.add_argument("--max-parallel", type=positive, metavar="N",
                        help="at most N stages at once (default: as many as the cluster's CPUs and GPUs admit)")
-    args = p.parse_args(argv)
+    # Overrides may come before or after the options (`run FILE --stage x lr=1` or `run FILE lr=1 --stage x`);
+    # argparse gives those after an option back as unknown arguments.
+    args, extra = p.parse_known_args(argv)
+    flags = [a for a in extra if a.startswith("-")]
+    if flags:
+        p.error(f"unrecognized arguments: {' '.join(flags)}")
+    args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        wf = load_workflow(args.file)
+        wf = load_workflow(args.file, args.overrides)
         if args.cmd == "validate":
             print(describe(wf))
         elif args.cmd == "run":

@@ -8,7 +8,8 @@ A workflow is a YAML mapping:
       sft_math: {kind: sft, needs: [base], config: {model: base, ...}}
 
 Each stage's `config` is validated by its kind's pydantic model (`pipeline.stages`). Fields typed
-`ModelRef` or `PathRef` name another stage (which must be in `needs`) or an existing local path.
+`ModelRef` or `PathRef` name another stage (which must be in `needs`) or an existing local path; a
+`ModelRef` may also be a Hugging Face hub id (`org/name[@revision]`, `pipeline.hub`).
 
 Hostile or careless input is refused here, before anything runs: names that could leave the runs
 directory, non-finite or unrunnable numbers, duplicate YAML keys, files over 1 MiB and alias bombs.
@@ -20,9 +21,10 @@ import difflib
 import json
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -179,6 +181,13 @@ class Stage:
     kind: str
     needs: tuple[str, ...]
     config: StageConfig
+    seed: int = 0  # the workflow's seed plus a hash of the stage's name: stages draw different streams
+    overrides: tuple[str, ...] = ()  # the command-line overrides that set something in this stage
+
+
+def stage_seed(workflow_seed: int, name: str) -> int:
+    """The seed a stage runs with (stable across runs and machines: crc32, not Python's hash)."""
+    return workflow_seed + zlib.crc32(name.encode()) % 10_000
 
 
 @dataclass(frozen=True)
@@ -188,17 +197,30 @@ class Workflow:
     seed: int
     stages: dict[str, Stage]  # in dependency order
     sandbox: ServiceConfig | None = None
+    overrides: tuple[str, ...] = ()  # the command line's `key=value` overrides, already applied
 
 
-def load_workflow(path: str | Path) -> Workflow:
-    """Read and validate a workflow file; raise `UserError` with a one-line message on any mistake."""
-    from pipeline.stages import STAGES, stage_module
+def load_workflow(path: str | Path, overrides: Sequence[str] = ()) -> Workflow:
+    """Read and validate a workflow file, with command-line `overrides` (`stages.x.config.lr=1e-4`)
+    applied first; raise `UserError` with a one-line message on any mistake."""
+    from pipeline.overrides import apply_overrides, blame
 
     path = Path(path)
     where = str(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping with 'name' and 'stages', got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides, where)
+    try:
+        return _load(raw, path, tuple(overrides))
+    except UserError as e:
+        raise UserError(blame(str(e), where, overrides)) from None
+
+
+def _load(raw: dict, path: Path, overrides: tuple[str, ...]) -> Workflow:
+    from pipeline.stages import STAGES, stage_module
+
+    where = str(path)
     spec = _validate(WorkflowSpec, raw, where, prefix="")
     if not spec.stages:
         raise UserError(f"{where}: stages: no stages; a workflow needs at least one")
@@ -223,10 +245,12 @@ def load_workflow(path: str | Path) -> Workflow:
         cfg = _validate(cls, st.config, where, prefix=f"{at}.config.")
         for field_path, ref, value in _refs(cfg):
             _check_ref(where, f"{at}.config.{field_path}", ref, value, name, st.needs, spec.stages)
-        stages[name] = Stage(name, st.kind, tuple(st.needs), cfg)
+        mine = tuple(o for o in overrides if o.lstrip("+~").startswith((f"{at}.", f"{at}=")) or
+                     o.lstrip("+").startswith("seed="))
+        stages[name] = Stage(name, st.kind, tuple(st.needs), cfg, stage_seed(spec.seed, name), mine)
 
     order = _topo_order(stages, where)
-    return Workflow(path, spec.name, spec.seed, {n: stages[n] for n in order}, spec.sandbox)
+    return Workflow(path, spec.name, spec.seed, {n: stages[n] for n in order}, spec.sandbox, overrides)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -404,6 +428,14 @@ def _check_ref(where, dotted, ref: Ref, value: str, stage: str, needs, all_stage
     if ref.urls and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
         return  # an fsspec URL (s3://, gs://, file://, ...): the stage that reads it fetches it, not validation
     p = Path(value)
+    if not p.exists() and ref.what == "model":
+        from pipeline import hub
+
+        if hub.parse_hub_id(value):
+            try:
+                p = hub.resolve(value, config_only=True)
+            except UserError as e:
+                raise UserError(f"{where}: {dotted}: {e}") from None
     if not p.exists():
         what = "a stage name or an existing checkpoint directory" if ref.what == "model" else "an existing file"
         raise UserError(f"{where}: {dotted}: {value!r} does not exist; expected {what}")

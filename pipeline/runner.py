@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import time
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -108,12 +107,19 @@ HOW_NOT_WHAT = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "pla
 
 
 def stage_record(stage: Stage) -> dict:
-    """The stage's resolved config, written as config.yaml."""
-    return {"kind": stage.kind, "needs": list(stage.needs), "config": stage.config.model_dump(mode="json")}
+    """The stage's resolved config, written as config.yaml: its seed, and the command-line overrides
+    that set any of it (already applied to `config`; listed so a reader sees where a value came from)."""
+    record = {"kind": stage.kind, "needs": list(stage.needs), "seed": stage.seed,
+              "config": stage.config.model_dump(mode="json")}
+    if stage.overrides:
+        record["overrides"] = list(stage.overrides)
+    return record
 
 
 def defining(record: dict) -> dict:
-    """What defines a stage's result (hashed into DONE.json): the record less where its actors run."""
+    """What defines a stage's result (hashed into DONE.json): the record less where its actors run,
+    and less the overrides' spelling (`lr=1e-4` and `lr=0.0001` give the same config)."""
+    record = {k: v for k, v in record.items() if k != "overrides"}
     config = dict(record.get("config", {}))
     if isinstance(config.get("learner"), dict):
         config["learner"] = {k: v for k, v in config["learner"].items() if k not in HOW_NOT_WHAT}
@@ -261,7 +267,7 @@ def run_stage(wf: Workflow, stage: Stage, dirs: dict[str, Path]) -> None:
             f"stage {stage.name!r} has a partial run with a different config in {out}; rerun with --force"
         )
     atomic_write_text(previous, record)
-    ctx = StageContext(wf.name, stage.name, out, dirs, seed=wf.seed + zlib.crc32(stage.name.encode()) % 10_000)
+    ctx = StageContext(wf.name, stage.name, out, dirs, seed=stage.seed)
     handler = logging.FileHandler(out / "stage.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)

@@ -25,8 +25,11 @@ EXCLUDES = [".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".c
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def entrypoint(workflow: Path, stage: str, runs_dir: Path) -> str:
-    return f"python -m pipeline run {shlex.quote(str(workflow))} --stage {stage} --runs-dir {shlex.quote(str(runs_dir))}"
+def entrypoint(workflow: Path, stage: str, runs_dir: Path, overrides: tuple[str, ...] = ()) -> str:
+    """The stage job's command line; it carries the submit's overrides so the job runs the same config."""
+    extra = "".join(f" {shlex.quote(o)}" for o in overrides)
+    return (f"python -m pipeline run {shlex.quote(str(workflow))} --stage {stage} "
+            f"--runs-dir {shlex.quote(str(runs_dir))}{extra}")
 
 
 def submit_workflow(wf: Workflow, address: str, runs_dir: Path, only: str | None = None,
@@ -68,7 +71,7 @@ def _submit_stages(wf: Workflow, address: str, runs_dir: Path, only: str | None,
         else:
             todo.append(name)
     env = {"working_dir": str(cwd), "excludes": EXCLUDES, "env_vars": {LOCK_HELD_ENV: str(wf_dir)}}
-    jobs = StageJobs(client, wf, dirs, lambda n: entrypoint(rel, n, runs_dir.resolve()) + (" --force" if force else ""),
+    jobs = StageJobs(client, wf, dirs, lambda n: entrypoint(rel, n, runs_dir.resolve(), wf.overrides) + (" --force" if force else ""),
                      env, poll_s, out)
     if only:  # its needs were checked by the job's own `pipeline run --stage`
         finished |= set(wf.stages[only].needs)
