@@ -1,18 +1,21 @@
 """Stage `base_model`: the model every expert starts from.
 
-Either a tiny Qwen2 built from a config with a tokenizer trained on the workflow's data (no model
-hub here), or a copy of a local Hugging Face checkpoint (how a GPU user brings a real model).
-All experts and the student share this tokenizer, which distillation needs.
+Either a tiny Qwen2 built from a config with a tokenizer trained on the workflow's data, or a real
+Hugging Face checkpoint (a local directory or a hub id, `pipeline.hub`) given our special tokens and
+chat template with its own turn markup kept (`experts.models.adopt_pretrained`). All experts and
+the student share this tokenizer, which distillation needs.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from experts.data import DataConfig, load_samples, sample_texts
-from experts.models import build_tiny_model, load_model, load_tokenizer, param_count, save_checkpoint, train_tokenizer
+from experts.models import adopt_pretrained, build_tiny_model, load_model, load_tokenizer, param_count, save_checkpoint, train_tokenizer
 from pipeline.config import MAX_LAYERS, MAX_TOKENS, MAX_VOCAB, MAX_WIDTH, ModelRef, StageConfig
 from pipeline.context import MODEL_DIR, StageContext
 
@@ -37,7 +40,12 @@ class TinyModel(StageConfig):
 
 
 class Config(StageConfig):
-    pretrained: ModelRef | None = Field(None, description="Copy this local HF checkpoint instead of building one.")
+    pretrained: ModelRef | None = Field(None, description="Start from this HF checkpoint (a local directory or a hub "
+                                        "id, org/name[@revision]) instead of building one; our special tokens and "
+                                        "chat template are added to it.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype a `pretrained` checkpoint is loaded "
+                                                  "and saved in (bfloat16 halves its size); training stages load "
+                                                  "it in their own learner.dtype.")
     tokenizer_data: list[DataConfig] = Field(
         default_factory=lambda: [DataConfig()], description="Datasets whose text trains the tokenizer."
     )
@@ -58,7 +66,9 @@ class Config(StageConfig):
 def run(cfg: Config, ctx: StageContext) -> None:
     if cfg.pretrained:
         src = ctx.model_path(cfg.pretrained)
-        model, tok = load_model(src), load_tokenizer(src)
+        model, tok = load_model(src, getattr(torch, cfg.dtype)), load_tokenizer(src)
+        added = adopt_pretrained(model, tok)
+        log.info("%s: added tokens %s; eos %r, pad %r", src, added, tok.eos_token, tok.pad_token)
     else:
         texts = [t for d in cfg.tokenizer_data for t in sample_texts(load_samples(d, "all"))]
         tok = train_tokenizer(texts, cfg.vocab_size)

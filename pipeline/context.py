@@ -32,9 +32,15 @@ class StageContext:
     seed: int = 0
 
     def model_path(self, ref: str) -> Path:
-        """Resolve a model reference: a stage name gives that stage's `model/`, anything else is a path."""
+        """Resolve a model reference: a stage name gives that stage's `model/`, a hub id that is not a
+        local path its snapshot in the hub cache (`pipeline.hub`, downloading it if need be), anything
+        else is a path."""
+        from pipeline import hub
+
         if ref in self.stage_dirs:
             return self.stage_dirs[ref] / MODEL_DIR
+        if not Path(ref).exists() and hub.parse_hub_id(ref):
+            return hub.resolve(ref)
         return Path(ref)
 
     @property
