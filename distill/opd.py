@@ -37,6 +37,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
 
 from distill.cache import step_batches, step_samples, step_tokens
 from distill.student import RankStep, opd_objective, rank_weights, student_loader
@@ -188,9 +189,12 @@ def run(cfg: Config, ctx: StageContext, local: bool = False) -> None:
             log.info("opd: resuming after round %d from %s", start - 1, resume)
         log.info("opd: %d teachers (%d in storage), %d domains, rounds %d..%d, cache %s", len(names), len(remote),
                  len(by_domain), start, cfg.rounds, cache_root)
-        for r in range(start, cfg.rounds + 1):
-            _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, names, teacher_paths, remote,
-                   cache_root, probe)
+        bar = tqdm(range(start, cfg.rounds + 1), initial=start - 1, total=cfg.rounds, desc=ctx.name, unit="round",
+                   mininterval=2.0)
+        for r in bar:
+            loss = _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, names, teacher_paths,
+                          remote, cache_root, probe)
+            bar.set_postfix(loss=f"{loss:.4f}")
         group.save_hf(ctx.out_dir / MODEL_DIR, str(student_path))
     finally:
         stop_workers(workers)
@@ -198,8 +202,8 @@ def run(cfg: Config, ctx: StageContext, local: bool = False) -> None:
 
 
 def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, names, teacher_paths, remote,
-           cache_root, probe) -> None:
-    """One round: sync and sample, teacher forward into each rank's cache, train on it, checkpoint."""
+           cache_root, probe) -> float:
+    """One round: sync and sample, teacher forward into each rank's cache, train on it, checkpoint; its mean loss."""
     domains = list(by_domain)
     times: dict[str, float] = {}
     policy = f"{ctx.name} after round {r - 1}"  # the cache of this round is valid only for this student
@@ -277,6 +281,7 @@ def _round(r, cfg, ctx, group, workers, objective, tokenizer, by_domain, route, 
     log.info("opd round %d: loss %.4f over %d trained tokens; per domain (tokens, share of the loss, balance %s): %s",
              r, loss, tokens, cfg.balance,
              ", ".join(f"{d} {n} {shares[d] / max(len(steps), 1):.2f}" for d, n in per_domain.items()))
+    return loss
 
 
 def _fetch_teachers(remote: dict[int, str], paths: list[Path], weights: bool = True) -> None:

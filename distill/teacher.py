@@ -19,6 +19,7 @@ from typing import Callable
 
 import fsspec
 import torch
+from tqdm import tqdm
 
 from distill.cache import CacheWriter, prune_rounds
 from distill.loss import distill_loss
@@ -118,7 +119,10 @@ def write_teacher_cache(
     for t in sorted({t for t, _ in groups}):
         model = load(teacher_paths[t]).to(device).eval()
         n = 0
-        with torch.inference_mode():
+        # one bar per teacher, gone when it is done: a round's forward is a step inside OPD's round bar
+        bar = tqdm(total=sum(len(v) for (tt, _), v in groups.items() if tt == t), desc=f"teacher {t} forward",
+                   unit="seq", mininterval=2.0, leave=False)
+        with torch.inference_mode(), bar:
             for step in sorted(s for tt, s in groups if tt == t):
                 rollouts = groups[(t, step)]
                 for i in range(0, len(rollouts), batch_size):
@@ -133,6 +137,7 @@ def write_teacher_cache(
                         writer.add(t, r.sample_id, r.domain, seq.tolist(), p, states[row : row + k][trained],
                                    step=step, loss_mask=r.loss_mask)
                         row += k
+                    bar.update(len(chunk))
                 n += len(rollouts)
         del model
         gc.collect()

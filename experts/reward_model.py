@@ -21,6 +21,7 @@ import random
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
+from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, truncate_metrics
 from learner.config import LearnerConfig
@@ -179,7 +180,8 @@ def run(cfg: Config, ctx: StageContext) -> None:
              len(train_pairs), len(eval_pairs), before, start)
 
     times: dict[str, float] = {}
-    for step in range(start + 1, cfg.steps + 1):
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=ctx.name, mininterval=2.0)
+    for step in bar:
         rng = random.Random(ctx.seed * 1_000_003 + step)  # each step's pairs fixed by the step: resumable
         batch = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(cfg.batch_size)]
         with timer("train", times):
@@ -193,6 +195,7 @@ def run(cfg: Config, ctx: StageContext) -> None:
             log.info("reward_model step %d: loss %.4f, held-out accuracy %.3f", step, metrics["loss"],
                      metrics["eval/pairwise_accuracy"])
         ctx.log_metrics(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train/pairwise_accuracy']:.2f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             group.save(ctx.checkpoint_dir, step, cfg.keep_checkpoints)
 
