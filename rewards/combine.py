@@ -7,7 +7,10 @@ In a stage's YAML:
       options: {math: {timeout_s: 2}}       # keyword options for a reward's constructor
       timeout_s: 10                         # per-sample time limit
 
-`RewardSpec` validates that (unknown names and options fail at load time, naming the bad one);
+A name is a built-in reward (`rewards.base.REWARDS`) or a user's own as `module:attribute`: a
+class (built with its options, then called with the batch) or a function `fn(samples, **options)`.
+`RewardSpec` validates that (unknown names, import paths that do not import, objects without the
+reward signature, unknown or missing options all fail at load time, naming the bad one);
 `CombinedReward(spec)` scores a batch: each sample's score is sum(weight * component score), and
 `details` keeps every component's score and reason. A component that raises, runs past its time
 limit or returns NaN scores the affected samples 0.0 with the reason logged and `failed` in its
@@ -17,7 +20,6 @@ on a 0 that the response did not earn.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from pathlib import Path
@@ -26,9 +28,12 @@ from typing import Any, Callable, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.config import ModelRef
-from rewards.base import REWARDS, Reward, RewardResult, Sample, accepts, clean_score, deadline, reward_factory
+from rewards.base import (REWARDS, Reward, RewardResult, Sample, accepts, check_options, clean_score, deadline,
+                          load_custom_reward, reward_factory)
 
 log = logging.getLogger(__name__)
+
+NOT_APPLICABLE = "not_applicable"  # details key of a sample a reward returned None for
 
 
 class RewardSpec(BaseModel):
@@ -38,7 +43,8 @@ class RewardSpec(BaseModel):
 
     weights: dict[str, float] = Field(
         default_factory=lambda: {"math": 1.0, "format": 0.1},
-        description="Reward name (see rewards.base.REWARDS) -> weight in the summed score.",
+        description="Reward name (see rewards.base.REWARDS), or your own reward's `module:attribute`, "
+        "-> weight in the summed score.",
     )
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -62,8 +68,12 @@ class RewardSpec(BaseModel):
         if not weights:
             raise ValueError("name at least one reward")
         for name in weights:
-            if name not in REWARDS:
-                raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
+            if name in REWARDS:
+                continue
+            if ":" not in name:
+                raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, "
+                                 "or your own as `module:attribute`")
+            load_custom_reward(name)  # imports it now: a bad path fails at load time, not on the first batch
         return weights
 
     @field_validator("options")
@@ -73,13 +83,15 @@ class RewardSpec(BaseModel):
         for name, opts in options.items():
             if name not in weights:
                 raise ValueError(f"{name!r} has options but no weight; weighted rewards: {', '.join(weights)}")
-            params = inspect.signature(reward_factory(name)).parameters
-            if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-                continue
-            for key in opts:
-                if key not in params:
-                    raise ValueError(f"{name}: unknown option {key!r}; {name} takes {', '.join(params) or 'none'}")
+            check_options(name, reward_factory(name), opts, require=name not in REWARDS)
         return options
+
+    @model_validator(mode="after")
+    def _custom_options_complete(self) -> "RewardSpec":
+        for name in self.weights:
+            if name not in REWARDS and name not in self.options:
+                check_options(name, reward_factory(name), {})
+        return self
 
     @field_validator("domains")
     @classmethod
@@ -104,6 +116,9 @@ class RewardSpec(BaseModel):
 def score_guarded(reward: Reward, samples: Sequence[Sample], timeout_s: float | None) -> list[RewardResult]:
     """`reward(samples)`, but a raise, a NaN or a timeout costs only the samples it touches.
 
+    A plain number in the results is taken as the score, and None as "does not apply" (TRL's
+    conventions), so a user's reward may return either instead of a `RewardResult`.
+
     The batch runs first under a limit of `timeout_s` per sample; if it raises or runs out of
     time, each sample is scored alone under `timeout_s`, so one bad sample scores 0.0 (with the
     reason) and the rest keep their scores.
@@ -124,8 +139,11 @@ def score_guarded(reward: Reward, samples: Sequence[Sample], timeout_s: float | 
         return [score_guarded(reward, [s], timeout_s)[0] for s in samples]
     out = []
     for s, r in zip(samples, results):
+        if r is None:  # TRL's convention for "this reward does not apply to this sample"
+            out.append(RewardResult(0.0, None, {NOT_APPLICABLE: True}))
+            continue
         if not isinstance(r, RewardResult):
-            r = RewardResult(r)
+            r = RewardResult(r)  # a plain number, as TRL's reward functions return
         score, problem = clean_score(r.score)
         if problem:
             log.warning("reward %s on sample %s: %s", name, s.get("id"), problem)
@@ -174,6 +192,8 @@ class CombinedReward:
                 continue
             scored = score_guarded(reward, [samples[i] for i in mine], self.spec.timeout_s)
             for i, r in zip(mine, scored):
+                if r.details.get(NOT_APPLICABLE):
+                    continue  # as if outside the reward's `domains`: no score, not in its metric
                 totals[i] += weight * r.score
                 details[i][name] = r.score
                 if r.details:
