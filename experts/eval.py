@@ -1,4 +1,5 @@
-"""Stage `eval`: score checkpoints on a held-out split with a named metric; writes `eval.json`."""
+"""Stage `eval`: score checkpoints on a held-out split with a named metric, and on lm-eval-harness benchmarks
+(`lm_eval`); writes `eval.json`."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from typing import Literal
 
 import ray
 from pydantic import Field, model_validator
+from tqdm import tqdm
 
 from typing import Any
 
+from experts.benchmarks import LmEvalConfig, run_benchmarks
 from experts.data import DataConfig, load_samples
 from pipeline.config import MAX_TOKENS, BatchSize, ModelRef, StageConfig, Tokens
 from pipeline.context import StageContext, atomic_write_json
@@ -46,6 +49,9 @@ class Config(StageConfig):
     domains: dict[str, DomainRollout] = Field(default_factory=dict, description="Per-domain generation limits, e.g. "
                                               "{math: {max_new_tokens: 32}} (rollout.domains, as the stages that "
                                               "trained the models sampled).")
+    lm_eval: LmEvalConfig | None = Field(None, description="lm-eval-harness tasks to run on checkpoints, e.g. "
+                                         "{tasks: [gsm8k], limit: 50}; each task's headline metric joins "
+                                         "eval.json and the logged tables.")
 
     @model_validator(mode="after")
     def _agent_fits(self):
@@ -71,6 +77,12 @@ class Config(StageConfig):
 
     def scored_domains(self, model: str, domains: list[str]) -> list[str]:
         return [d for d in domains if model not in self.model_domains or d in self.model_domains[model]]
+
+    def benchmark_models(self) -> list[str]:
+        """The checkpoints lm-eval runs on: its own `models`, else the stage's."""
+        if self.lm_eval is None:
+            return []
+        return list(self.lm_eval.models) if self.lm_eval.models is not None else list(self.models)
 
 
 def metric_for(metric: str, domain: str) -> str:
@@ -132,29 +144,84 @@ def resources(cfg: Config) -> dict[str, float]:
     return {"CPU": 1.0, "GPU": cfg.num_gpus}
 
 
+LM_EVAL = "lm_eval"  # the key of a model's benchmark task among the (domain, model) scoring tasks
+
+
 def run(cfg: Config, ctx: StageContext) -> None:
     score = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus)(score_model)
+    bench = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus)(run_benchmarks)
     domains = [d.domain for d in cfg.data]
-    futures: dict[str, dict[str, Any]] = {}
+    pending: dict[ray.ObjectRef, tuple[str, str]] = {}
     for data in cfg.data:  # every (domain, model) task at once, so no core waits for a domain's slowest model
         samples = load_samples(data, "heldout")[: cfg.limit]
-        futures[data.domain] = {ref: score.remote(str(ctx.model_path(ref)), samples, cfg) for ref in cfg.models
-                                if data.domain in cfg.scored_domains(ref, domains)}
+        pending.update({score.remote(str(ctx.model_path(ref)), samples, cfg): (data.domain, ref) for ref in cfg.models
+                        if data.domain in cfg.scored_domains(ref, domains)})
+    device = "cuda" if cfg.num_gpus > 0 else "cpu"
+    pending.update({bench.remote(str(ctx.model_path(ref)), cfg.lm_eval, cfg.threads, device): (LM_EVAL, ref)
+                    for ref in cfg.benchmark_models()})
+    done = gather(pending, cfg, ctx.name)
     results: dict[str, dict[str, dict]] = {}
-    for domain, by_model in futures.items():
-        results[domain] = {ref: ray.get(f) for ref, f in by_model.items()}
-        for ref, r in results[domain].items():
-            log.info("%s %s on %s: %.3f (n=%d)", metric_for(cfg.metric, domain), ref, domain, r["score"], r["n"])
+    for (domain, ref), r in done.items():  # in submission order: domains as configured, models as listed
+        if domain != LM_EVAL:
+            results.setdefault(domain, {})[ref] = r
     table = {dom: {ref: r["score"] for ref, r in by_model.items()} for dom, by_model in results.items()}
     shares = relative_scores(table, cfg.relative)
     metrics = {d.domain: metric_for(cfg.metric, d.domain) for d in cfg.data}
+    benchmarks = benchmark_report({ref: r for (key, ref), r in done.items() if key == LM_EVAL})
     atomic_write_json(ctx.out_dir / "eval.json", {"metric": metrics, "scores": table, "relative": shares,
-                                                  "details": results})
+                                                  "details": results, **({LM_EVAL: benchmarks} if cfg.lm_eval else {})})
     ctx.log_metrics(0, {**{f"score/{dom}/{ref}": s for dom, row in table.items() for ref, s in row.items()},
                         **{f"relative/{m}/{dom}": r["share"] for m, row in shares.items() for dom, r in row.items()
-                           if r["share"] is not None}})
-    log.info("%s: mean score per domain (%s)\n%s", ctx.name, ", ".join(f"{d}: {m}" for d, m in metrics.items()),
-             format_table(table, cfg.models) + format_relative(shares))
+                           if r["share"] is not None},
+                        **{f"lm_eval/{task}/{ref}": s for task, row in benchmarks.get("scores", {}).items()
+                           for ref, s in row.items()}})
+    if table:
+        log.info("%s: mean score per domain (%s)\n%s", ctx.name, ", ".join(f"{d}: {m}" for d, m in metrics.items()),
+                 format_table(table, cfg.models) + format_relative(shares))
+    if benchmarks.get("scores"):
+        log.info("%s: lm-eval, headline metric per task (%s)\n%s", ctx.name,
+                 ", ".join(f"{t}: {m.removesuffix(',none')}" for t, m in benchmarks["metric"].items()),
+                 format_table(benchmarks["scores"], cfg.benchmark_models()))
+
+
+def gather(pending: dict[ray.ObjectRef, tuple[str, str]], cfg: Config, desc: str) -> dict[tuple[str, str], dict]:
+    """Each scoring task's result, logged as it finishes under a progress bar; keyed (domain or "lm_eval",
+    model) in submission order."""
+    done: dict[ray.ObjectRef, dict] = {}
+    left = list(pending)
+    with tqdm(total=len(left), desc=desc, unit="task", mininterval=2.0) as bar:
+        while left:
+            ready, left = ray.wait(left, num_returns=1)
+            (key, ref), r = pending[ready[0]], ray.get(ready[0])
+            done[ready[0]] = r
+            if key == LM_EVAL:
+                log.info("lm-eval on %s: %s", ref, ", ".join(f"{t} {s['metric'].removesuffix(',none')} "
+                                                             f"{s['score']:.3f} (n={s['n']})"
+                                                             for t, s in r["scores"].items()))
+            else:
+                log.info("%s %s on %s: %.3f (n=%d)", metric_for(cfg.metric, key), ref, key, r["score"], r["n"])
+            bar.update()
+    return {pending[f]: done[f] for f in pending}
+
+
+def benchmark_report(by_model: dict[str, dict]) -> dict[str, Any]:
+    """The lm-eval part of eval.json: each task's headline metric, its score and sample count per model, and
+    every metric lm-eval reported (stderr included) per model.
+
+    >>> benchmark_report({"base": {"scores": {"toy": {"metric": "acc,none", "score": 0.5, "n": 4}},
+    ...                            "metrics": {"toy": {"acc,none": 0.5}}}})["scores"]
+    {'toy': {'base': 0.5}}
+    """
+    if not by_model:
+        return {}
+    report: dict[str, Any] = {"metric": {}, "scores": {}, "n": {}, "details": {}}
+    for ref, r in by_model.items():
+        for task, s in r["scores"].items():
+            report["metric"][task] = s["metric"]
+            report["scores"].setdefault(task, {})[ref] = s["score"]
+            report["n"].setdefault(task, {})[ref] = s["n"]
+        report["details"][ref] = r["metrics"]
+    return report
 
 
 def relative_scores(table: dict[str, dict[str, float]], relative: dict[str, dict[str, str]]) -> dict[str, dict]:
