@@ -20,7 +20,6 @@ from pydantic import Field, ValidationInfo, field_validator
 from pipeline.config import BatchSize, ModelRef, PathRef, StageConfig
 
 
-
 class LmEvalConfig(StageConfig):
     include_path: PathRef | None = Field(None, description="Directory of the user's own task YAMLs (lm-eval's "
                                          "TaskManager include_path); its names override lm-eval's.")
