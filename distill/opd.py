@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 
 from distill.cache import step_batches, step_samples, step_tokens
@@ -45,7 +45,7 @@ from distill.teacher import fetch_model, is_url, rank_prune, rank_root, rank_tea
 from experts.data import DataConfig, load_samples
 from experts.models import load_tokenizer
 from learner.checkpoint import checkpoint_step, latest_checkpoint, truncate_metrics
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, whole_model
 from learner.group import WorkerGroup
 from learner.optim import Optim
 from pipeline.config import (MAX_BATCH, MAX_TOKENS, BatchSize, LearningRate, ModelRef, StageConfig, Steps,
@@ -117,6 +117,8 @@ class Config(StageConfig):
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Workers, sharding and dtype of the "
                                    "student's trainer; each worker also runs the teachers on its share of the "
                                    "samples (one teacher at a time, on its device) and trains on what it cached.")
+
+    _whole_model = field_validator("learner")(whole_model)
 
     @model_validator(mode="after")
     def _one_teacher_per_domain(self):

@@ -20,11 +20,11 @@ import random
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, truncate_metrics
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, whole_model
 from learner.group import WorkerGroup
 from learner.optim import Optim
 from pipeline.config import (
@@ -71,6 +71,8 @@ class Config(StageConfig):
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Workers, sharding and dtype of the "
                                    "trainer; a step's pairs are split over the workers.")
+
+    _whole_model = field_validator("learner")(whole_model)
 
     @model_validator(mode="after")
     def _fits(self):

@@ -44,3 +44,11 @@ class LearnerConfig(BaseModel):
     def resources(self, cpu_share: float = 1.0) -> dict[str, float]:
         """Ray resources the whole group holds; `cpu_share` scales each worker's CPUs (a reference copy: 1/4)."""
         return {"CPU": self.workers * self.cpus_per_worker * cpu_share, "GPU": self.workers * self.gpus_per_worker}
+
+
+def whole_model(cfg: LearnerConfig) -> LearnerConfig:
+    """A pydantic validator for stages that train their whole model (OPD's student, the reward model's
+    head): `learner.lora` is refused when the workflow loads, not when the learner starts."""
+    if cfg.lora is not None:
+        raise ValueError("learner.lora is for sft and grpo; this stage trains its whole model (remove learner.lora)")
+    return cfg

@@ -66,6 +66,11 @@ def test_good_workflow_orders_stages(tmp_path):
          "max_new_tokens: 8}}}\n", "max_new_tokens: unknown field (moved: did you mean 'rollout.max_new_tokens'?)"),
         ("name: t\nstages: {o: {kind: opd, config: {student: x, teachers: [{model: x, domains: [m]}], data: [{}], "
          "device: cpu}}}\n", "device: unknown field (moved: did you mean 'learner.gpus_per_worker'?)"),
+        ("name: t\nstages: {o: {kind: opd, config: {student: x, teachers: [{model: x, domains: [m]}], data: [{}], "
+         "learner: {lora: {r: 4}}}}}\n", "stages.o.config.learner: Value error, learner.lora is for sft and grpo; this "
+                                         "stage trains its whole model (remove learner.lora)"),
+        ("name: t\nstages: {r: {kind: reward_model, config: {learner: {lora: {r: 4}}}}}\n",
+         "stages.r.config.learner: Value error, learner.lora is for sft and grpo"),
         (GOOD.replace("model: base", "model: s3://bucket/ckpt"),  # only OPD teachers are fetched from storage
          "stages.sft.config.model: 's3://bucket/ckpt' does not exist"),
         (GOOD + "sandbox: {size: 0}\n", "sandbox.size: Input should be greater than or equal to 1"),
