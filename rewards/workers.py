@@ -9,11 +9,13 @@ adds the backstop for what that cannot stop: an actor that dies (segfault, OOM) 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
 import ray
 
+from pipeline.config import UserError
 from rewards.base import REWARDS, RewardResult, Sample, register
 from rewards.combine import CombinedReward, RewardSpec, reward_metrics
 
@@ -30,6 +32,19 @@ class RewardActor:
 
     def score(self, samples: list[Sample]) -> list[RewardResult]:
         return self.reward(samples)
+
+
+def never_started(e: Exception) -> None:
+    """Raise UserError if `e` says a reward actor could not even be built (a custom reward's module that
+    imports in the driver but not in a worker, say): a replacement would fail the same way, forever, and
+    score every sample 0."""
+    text = str(e)
+    if "creation task" not in text:  # Ray: "The actor died because of an error raised in its creation task"
+        return
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    cause = next((ln for ln in reversed(lines) if re.match(r"[\w.]+(Error|Exception)\b", ln)), lines[-1] if lines else "")
+    raise UserError(f"reward workers cannot build the rewards: {cause}; a custom reward's module must import in "
+                    f"every Ray worker (PYTHONPATH or an installed package, not sys.path in the driver)")
 
 
 class RayRewardPool:
@@ -81,6 +96,7 @@ class RayRewardPool:
                     shard_results.append(ray.get(ref))
                     continue
                 except Exception as e:  # actor died or raised outside the per-reward guard
+                    never_started(e)
                     reason = f"reward worker failed: {type(e).__name__}: {e}"[:300]
             log.warning("%s; scoring its %d samples 0 and restarting it", reason, len(shard))
             ray.kill(self.actors[i], no_restart=True)

@@ -141,3 +141,16 @@ def test_plain_results_and_reward_results_mix_in_one_batch():
 def mixed(samples):
     """A reward in an installed (importable) module: a float for one sample, a RewardResult for the other."""
     return [0.5 if s["id"] == 0 else RewardResult(1.5, "bonus") for s in samples]
+
+
+def test_a_custom_reward_the_ray_workers_cannot_import_stops_the_run_naming_it(user_module, ray_session):
+    """On sys.path in the driver only (not PYTHONPATH), the reward workers cannot build it: one clear error,
+    not a run whose every sample scores 0."""
+    from rewards.workers import RayRewardPool
+
+    pool = RayRewardPool(RewardSpec(weights={"my_rewards:exact": 1.0}), num_workers=1, num_cpus=0.5)
+    try:
+        with pytest.raises(UserError, match=r"reward workers cannot build the rewards: .*my_rewards.*PYTHONPATH"):
+            pool([{"id": 0, "completion": "42", "answer": "42"}])
+    finally:
+        pool.close()
