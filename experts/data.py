@@ -444,6 +444,20 @@ def _normalise(row: Any, cfg: DataConfig, where: str, need_completion: bool = Fa
             raise UserError(f"{where}: {key}: expected {_kind(types)}, got {_kind(row[key])}")
     if cfg.system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": cfg.system}] + messages
+    meta = dict(row.get("meta") or {})
+    if "instruction_id_list" in row:  # IFEval's own rows carry their instructions at the top level
+        meta.update(instruction_id_list=row["instruction_id_list"], kwargs=row.get("kwargs"))
+    if "instruction_id_list" in meta:
+        from rewards.ifeval import validate_instructions
+
+        ids, kwargs = meta["instruction_id_list"], meta.get("kwargs")
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)) or not (
+                kwargs is None or isinstance(kwargs, list) and all(k is None or isinstance(k, dict) for k in kwargs)):
+            raise UserError(f"{where}: instruction_id_list / kwargs: expected a list of ids and a list of objects")
+        try:
+            validate_instructions(ids, kwargs)
+        except ValueError as e:
+            raise UserError(f"{where}: instruction_id_list: {e}") from None
     key = json.dumps(messages, sort_keys=True)
     return {
         "id": str(row.get("id") or hashlib.sha1(key.encode()).hexdigest()[:12]),
@@ -451,7 +465,7 @@ def _normalise(row: Any, cfg: DataConfig, where: str, need_completion: bool = Fa
         "messages": messages,
         "answer": None if row.get("answer") is None else str(row["answer"]),
         "completion": completion,
-        "meta": row.get("meta") or {},
+        "meta": meta,
     }
 
 

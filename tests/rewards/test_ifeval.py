@@ -434,3 +434,30 @@ def test_strictness_is_checked_when_the_reward_is_built():
 
 def test_docstring_examples():
     assert doctest.testmod(rewards.ifeval, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_ifevals_own_rows_load_as_samples_and_an_unsupported_id_names_its_line(tmp_path):
+    """A JSONL in IFEval's own shape (key, prompt, instruction_id_list, kwargs) is data as it is."""
+    import json
+
+    from experts.data import DataConfig, load_samples
+    from pipeline.config import UserError
+
+    rows = [{"key": 1, "prompt": "Write about cats in lowercase, no commas.",
+             "instruction_id_list": ["change_case:english_lowercase", "punctuation:no_comma"], "kwargs": [{}, {}]},
+            {"key": 2, "prompt": "Write at least 3 words.", "instruction_id_list": ["length_constraints:number_words"],
+             "kwargs": [{"relation": "at least", "num_words": 3}]}]
+    path = tmp_path / "ifeval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = sorted(load_samples(DataConfig(domain="instruction", source="jsonl", path=str(path), heldout=0), "all"),
+                     key=lambda s: s["meta"]["instruction_id_list"][0])
+    assert samples[0]["meta"]["instruction_id_list"] == ["change_case:english_lowercase", "punctuation:no_comma"]
+    for s, text in zip(samples, ["cats purr and nap", "Cats"]):
+        s["completion"] = text
+    assert [r.score for r in InstructionReward(mode="all")(samples)] == [1.0, 0.0]
+
+    rows.append({"key": 3, "prompt": "Answer in French.", "instruction_id_list": ["language:response_language"],
+                 "kwargs": [{"language": "fr"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"ifeval.jsonl:3: instruction_id_list: .*language:response_language"):
+        load_samples(DataConfig(domain="instruction", source="jsonl", path=str(path), heldout=0), "all")
