@@ -1,4 +1,5 @@
-"""`python -m pipeline validate|run|submit FILE [KEY=VALUE ...]`: the workflow command line.
+"""`python -m pipeline validate|run|submit FILE [KEY=VALUE ...]`: the workflow command line;
+`python -m pipeline report runs/<workflow>` writes the run's report.html (`run` writes it too).
 
 KEY=VALUE overrides a field of the file, as Hydra users type it: `stages.grpo_math.config.lr=1e-4
 seed=3` (`pipeline.overrides`)."""
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import StageFailed, UserError, Workflow, load_workflow
+
+log = logging.getLogger("pipeline")
 
 
 def describe(wf: Workflow) -> str:
@@ -44,6 +47,16 @@ def positive(text: str) -> int:
     return n
 
 
+def report_after_run(run_dir: Path) -> None:
+    """Write `run_dir/report.html` after a run; a report that fails only warns: the run's result stands."""
+    try:
+        from pipeline.report import write_report
+
+        print(f"report: {write_report(run_dir)}")
+    except Exception as e:  # noqa: BLE001 - whatever breaks a plot must not turn a finished run into a failure
+        log.warning("report not written: %s", one_line(e))
+
+
 OVERRIDES_HELP = "override a field of the file: stages.NAME.config.FIELD=VALUE (VALUE is YAML), seed=3, ~KEY to unset"
 
 
@@ -65,23 +78,34 @@ def main(argv: list[str] | None = None) -> int:
                        help="Ray cluster (run: ray://host:10001 or auto; submit: http://host:8265)")
         r.add_argument("--max-parallel", type=positive, metavar="N",
                        help="at most N stages at once (default: as many as the cluster's CPUs and GPUs admit)")
+    rep = sub.add_parser("report", help="write a run's report.html: curves, timings, eval table")
+    rep.add_argument("dir", type=Path, help="the workflow's run directory, runs/<workflow>")
+    rep.add_argument("--out", type=Path, help="where to write the page (default: DIR/report.html)")
     # Overrides may come before or after the options (`run FILE --stage x lr=1` or `run FILE lr=1 --stage x`);
     # argparse gives those after an option back as unknown arguments.
     args, extra = p.parse_known_args(argv)
     flags = [a for a in extra if a.startswith("-")]
     if flags:
         p.error(f"unrecognized arguments: {' '.join(flags)}")
-    args.overrides = [*args.overrides, *extra]
+    if args.cmd == "report" and extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.cmd == "report":
+            from pipeline.report import write_report
+
+            print(f"report: {write_report(args.dir, args.out)}")
+            return 0
         wf = load_workflow(args.file, args.overrides)
         if args.cmd == "validate":
             print(describe(wf))
         elif args.cmd == "run":
-            from pipeline.runner import run_workflow
+            from pipeline.runner import run_workflow, workflow_dir
 
             status = run_workflow(wf, args.runs_dir, args.stage, args.force, args.address, args.max_parallel)
             print(f"{wf.name}: " + ", ".join(f"{n} {s}" for n, s in status.items()))
+            report_after_run(workflow_dir(wf, args.runs_dir))
         else:
             from pipeline.submit import submit_workflow
 
