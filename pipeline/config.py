@@ -17,6 +17,7 @@ directory, non-finite or unrunnable numbers, duplicate YAML keys, files over 1 M
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -29,6 +30,7 @@ from typing import Annotated, Any, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.tracking import TrackingConfig, missing_package
 from sandbox.service import ServiceConfig
 
 
@@ -165,6 +167,8 @@ class WorkflowSpec(BaseModel):
     stages: dict[str, StageSpec] = Field(description="Stages by name (same rule as `name`), in any order.")
     sandbox: ServiceConfig | None = Field(None, description="One sandbox service per node, shared by every stage "
                                           "(code rewards, agent rollouts, eval); none: each user starts its own pool.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Also send each stage's metrics "
+                                     "and config to TensorBoard, W&B or MLflow (pipeline.tracking); metrics.jsonl always.")
 
     @field_validator("name")
     @classmethod
@@ -198,6 +202,7 @@ class Workflow:
     stages: dict[str, Stage]  # in dependency order
     sandbox: ServiceConfig | None = None
     overrides: tuple[str, ...] = ()  # the command line's `key=value` overrides, already applied
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 
 def load_workflow(path: str | Path, overrides: Sequence[str] = ()) -> Workflow:
@@ -224,6 +229,9 @@ def _load(raw: dict, path: Path, overrides: tuple[str, ...]) -> Workflow:
     spec = _validate(WorkflowSpec, raw, where, prefix="")
     if not spec.stages:
         raise UserError(f"{where}: stages: no stages; a workflow needs at least one")
+    missing = missing_package(spec.tracking)
+    if missing:
+        raise UserError(f"{where}: {missing}")
 
     stages: dict[str, Stage] = {}
     for name, st in spec.stages.items():
@@ -250,7 +258,7 @@ def _load(raw: dict, path: Path, overrides: tuple[str, ...]) -> Workflow:
         stages[name] = Stage(name, st.kind, tuple(st.needs), cfg, stage_seed(spec.seed, name), mine)
 
     order = _topo_order(stages, where)
-    return Workflow(path, spec.name, spec.seed, {n: stages[n] for n in order}, spec.sandbox, overrides)
+    return Workflow(path, spec.name, spec.seed, {n: stages[n] for n in order}, spec.sandbox, overrides, spec.tracking)
 
 
 class _StrictLoader(yaml.SafeLoader):

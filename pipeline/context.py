@@ -10,7 +10,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,7 @@ class StageContext:
 
     out_dir: this stage's artifact directory (`runs/<workflow>/<stage>/`), created before `run`.
     stage_dirs: artifact directories of every stage in the workflow, by name (inputs live there).
+    tracker: the workflow's `tracking:` sinks (TensorBoard, W&B, MLflow), fed by `log_metrics`.
     """
 
     workflow: str
@@ -30,6 +34,7 @@ class StageContext:
     out_dir: Path
     stage_dirs: dict[str, Path] = field(default_factory=dict)
     seed: int = 0
+    tracker: Tracker | None = field(default=None, repr=False, compare=False)
 
     def model_path(self, ref: str) -> Path:
         """Resolve a model reference: a stage name gives that stage's `model/`, a hub id that is not a
@@ -48,11 +53,14 @@ class StageContext:
         return self.out_dir / "checkpoints"
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append one line to `metrics.jsonl`; flushed at once so a kill loses nothing logged."""
+        """Append one line to `metrics.jsonl`, flushed at once so a kill loses nothing logged; then send
+        the numbers to the tracking sinks (which never raise: the file is the full record)."""
         line = json.dumps({"step": step, "time": round(time.time(), 3), **metrics}, default=float)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(line + "\n")
             f.flush()
+        if self.tracker is not None:
+            self.tracker.log(step, metrics)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -21,6 +21,7 @@ from pipeline.config import Stage, StageFailed, UserError, Workflow
 from pipeline.context import StageContext, atomic_write_json, atomic_write_text
 from pipeline.schedule import run_graph, stage_error
 from pipeline.stages import resources, stage_module
+from pipeline.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +268,17 @@ def run_stage(wf: Workflow, stage: Stage, dirs: dict[str, Path]) -> None:
             f"stage {stage.name!r} has a partial run with a different config in {out}; rerun with --force"
         )
     atomic_write_text(previous, record)
-    ctx = StageContext(wf.name, stage.name, out, dirs, seed=stage.seed)
     handler = logging.FileHandler(out / "stage.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     t0 = time.time()
     log.info("stage %s (%s): starting in %s", stage.name, stage.kind, out)
+    tracker = open_tracker(wf.tracking, wf.name, stage.name, stage.kind, stage_record(stage), out)
+    ctx = StageContext(wf.name, stage.name, out, dirs, seed=stage.seed, tracker=tracker)
+    ok = False
     try:
         stage_module(stage.kind).run(stage.config, ctx)
+        ok = True
     except UserError as e:  # bad input found mid-run (data, a diverged loss): name the stage, keep it one line
         cause = getattr(e, "cause", None) or e  # a RayTaskError from an actor carries the real error as `cause`
         log.error("stage %s: %s", stage.name, cause)
@@ -286,6 +290,7 @@ def run_stage(wf: Workflow, stage: Stage, dirs: dict[str, Path]) -> None:
         log.exception("stage %s: failed", stage.name)  # the traceback goes to stage.log too
         raise
     finally:
+        tracker.close(ok)  # a failed stage's W&B / MLflow run is marked failed
         logging.getLogger().removeHandler(handler)
         handler.close()
     atomic_write_json(out / DONE_FILE, {"config_hash": config_hash(stage), "seconds": round(time.time() - t0, 1),
