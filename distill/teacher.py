@@ -177,16 +177,19 @@ def rank_teacher_forward(student, shares: list[dict[tuple[int, int], list[Rollou
     """On one learner rank (`WorkerGroup.apply`): encode this rank's share with each teacher in turn,
     on the rank's device, into this rank's cache; returns the round's index (what the rank wrote).
 
-    `student` is the rank's model, used only for its device; the teachers never touch it.
+    `student` is the rank's model, used only for its device and dtype (`learner.dtype`: a teacher loads
+    in the student's dtype); the teachers never touch it.
     """
+    import functools
+
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = next(student.parameters()).device
+    param = next(student.parameters())
     writer = CacheWriter(rank_root(cache_root, rank), round_id, teachers, policy=policy, dtype=dtype,
                          shard_rows=shard_rows)
-    write_teacher_cache(shares[rank], [Path(p) for p in teacher_paths], writer, pad_id, load_model, batch_size,
-                        device)
+    write_teacher_cache(shares[rank], [Path(p) for p in teacher_paths], writer, pad_id,
+                        functools.partial(load_model, dtype=param.dtype), batch_size, param.device)
     return writer.close()
 
 
