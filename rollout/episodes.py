@@ -46,13 +46,23 @@ def task_of(sample: dict) -> Task:
 
 
 def tool_turn_ids(tokenizer, observation: str, think: bool) -> list[int]:
-    """Tokens between the model's `<|im_end|>` and its next turn: newline, tool turn, assistant header.
+    """Tokens between the model's end-of-turn token and its next turn: what the template writes after
+    that token (ChatML: a newline; Llama-3: nothing), the tool turn, the assistant header.
 
     Rendered by the chat template itself, so the row matches what a re-rendered conversation holds.
     """
     text = tokenizer.apply_chat_template([{"role": "tool", "content": observation}], add_generation_prompt=True,
                                          tokenize=False, enable_thinking=think)
-    return tokenizer("\n" + text, add_special_tokens=False)["input_ids"]
+    return tokenizer(after_turn_end(tokenizer) + text, add_special_tokens=False)["input_ids"]
+
+
+def after_turn_end(tokenizer) -> str:
+    """The text the chat template writes right after an assistant turn's end-of-turn (eos) token."""
+    reply = "REPLY-7f3a9c"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "u"}, {"role": "assistant", "content": reply}],
+                                         tokenize=False)
+    at = text.find(reply + tokenizer.eos_token)
+    return "\n" if at < 0 else text[at + len(reply) + len(tokenizer.eos_token):]
 
 
 class _Row:

@@ -119,6 +119,18 @@ def test_a_llama3_checkpoint_gets_our_tokens_and_keeps_its_markup_and_eos(tmp_pa
     assert tok.apply_chat_template(plain, tokenize=False) == old.apply_chat_template(plain, tokenize=False)
 
 
+def test_an_agent_episodes_tool_turn_is_what_the_rerendered_chat_holds_in_the_checkpoints_markup(tmp_path):
+    """Llama-3 writes nothing after <|eot_id|> (ChatML writes a newline): the tokens an episode appends after
+    the model's turn must match the conversation rendered whole, or SFT and rollouts see different text."""
+    from rollout.episodes import tool_turn_ids
+
+    tok = load_tokenizer(adopt(llama3_checkpoint(tmp_path / "llama"), tmp_path / "run"))
+    head = tok.apply_chat_template(CHAT[:2], tokenize=False)
+    whole = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(tool_turn_ids(tok, "ok", think=True)) == whole[len(head):]
+    assert not whole[len(head):].startswith("\n")
+
+
 def test_rollouts_on_an_adopted_checkpoint_force_the_think_close_and_stop_at_its_eos(tmp_path):
     out = adopt(llama3_checkpoint(tmp_path / "llama"), tmp_path / "run")
     tok = load_tokenizer(out)
