@@ -70,6 +70,7 @@ class Stage:
     rows: list[dict] = field(default_factory=list)
     done: dict | None = None
     eval: dict | None = None
+    config: dict = field(default_factory=dict)  # the `config:` block of its config.yaml
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -106,11 +107,14 @@ def load_run(run_dir: Path) -> list[Stage]:
         if not any(files[n].is_file() for n in ("metrics.jsonl", "DONE.json", "config.yaml")):
             continue
         try:
-            kind = str((yaml.safe_load(files["config.yaml"].read_text()) or {}).get("kind", "?"))
-        except (OSError, yaml.YAMLError, AttributeError):
-            kind = "?"
+            record = yaml.safe_load(files["config.yaml"].read_text())
+        except (OSError, yaml.YAMLError):
+            record = None
+        record = record if isinstance(record, dict) else {}
+        config = record.get("config") if isinstance(record.get("config"), dict) else {}
         rows = read_jsonl(files["metrics.jsonl"]) if files["metrics.jsonl"].is_file() else []
-        stages.append(Stage(d.name, kind, rows, read_json(files["DONE.json"]), read_json(files["eval.json"])))
+        stages.append(Stage(d.name, str(record.get("kind", "?")), rows, read_json(files["DONE.json"]),
+                            read_json(files["eval.json"]), config))
     return sorted(stages, key=lambda s: (started(s) is None, started(s) or 0.0, s.name))
 
 
@@ -221,24 +225,41 @@ def stage_figure(panels: list[tuple[str, dict]], times: dict[str, tuple[list, li
     return fig
 
 
-def timeline_figure(spans: list[tuple[str, str, float, float]]):
-    """Which stage ran when: one bar per (stage, kind, start, end), seconds since the first start."""
-    t0 = min(s for _, _, s, _ in spans)
-    kinds = list(dict.fromkeys(k for _, k, _, _ in spans))
+def earlier_attempts(s: Stage) -> tuple[float, float] | None:
+    """(first, last) metric time stamps logged before the stage's last start: the attempts a resume continued."""
+    start = started(s)
+    stamps = [t for r in s.rows if (t := number(r.get("time"))) is not None and start is not None and t < start]
+    return (min(stamps), max(stamps)) if stamps else None
+
+
+def timeline_figure(spans: list[tuple[str, str, float, float, tuple[float, float] | None]]):
+    """Which stage ran when: a bar per (stage, kind, start, end, earlier) over seconds since the first start;
+    `earlier` (first and last metric line of attempts before the last, or None) is drawn faint."""
+    t0 = min([s for _, _, s, _, _ in spans] + [e[0] for *_, e in spans if e])
+    kinds = list(dict.fromkeys(k for _, k, _, _, _ in spans))
     fig = new_figure(12.8, 0.9 + 0.28 * len(spans))
     ax = fig.subplots()
     seen = set()
-    for i, (name, kind, s, e) in enumerate(spans):
-        ax.barh(i, e - s, left=s - t0, color=f"C{kinds.index(kind) % 10}", height=0.7,
-                label=None if kind in seen else kind)  # one legend entry per kind
+    for i, (name, kind, s, e, earlier) in enumerate(spans):
+        color = f"C{kinds.index(kind) % 10}"
+        ax.barh(i, e - s, left=s - t0, color=color, height=0.7, label=None if kind in seen else kind)  # one entry a kind
         seen.add(kind)
         ax.text(e - t0, i, f" {e - s:.0f}s", va="center", fontsize=7)
-    ax.set_yticks(range(len(spans)), [n for n, _, _, _ in spans], fontsize=8)
+        if earlier:
+            ax.barh(i, max(earlier[1] - earlier[0], 1.0), left=earlier[0] - t0, color=color, alpha=0.3, height=0.7,
+                    hatch="//")
+    handles, labels = ax.get_legend_handles_labels()
+    if any(e for *_, e in spans):
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(facecolor="0.85", hatch="//", label="an attempt before a resume (its metric lines)"))
+        labels.append(handles[-1].get_label())
+    ax.set_yticks(range(len(spans)), [n for n, *_ in spans], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first stage started", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
-    fig.legend(fontsize=7, frameon=False, loc="outside upper center", ncols=len(kinds))
+    fig.legend(handles, labels, fontsize=7, frameon=False, loc="outside upper center", ncols=len(handles))
     ax.margins(x=0.08)
     return fig
 
@@ -247,7 +268,7 @@ def phases_figure(totals: dict[str, dict[str, float]]):
     """Where each stage's wall time went: one stacked bar per stage of its summed `time/*` phases
     (plus "other": DONE.json's seconds not inside a timed phase, i.e. setup, loading, saving)."""
     names = list(totals)
-    phases = list(dict.fromkeys(p for per in totals.values() for p in per))
+    phases = sorted(dict.fromkeys(p for per in totals.values() for p in per), key=lambda p: p == "other")  # "other" last
     fig = new_figure(12.8, 0.9 + 0.28 * len(names))
     ax = fig.subplots()
     left = [0.0] * len(names)
@@ -335,12 +356,13 @@ def img(fig, alt: str) -> str:
     return f'<img src="{png_uri(fig)}" alt="{esc(alt)}">'
 
 
-def eval_table(ev: dict) -> str:
-    """eval.json's scores as a table (a row per model, a column per domain, the best of each column bold),
-    and its `relative` block (a model's score as a share of a reference's) as a second one."""
+def eval_table(ev: dict, order: list | None = None) -> str:
+    """eval.json's scores as a table (a row per model, in `order` where it names them, a column per domain,
+    the best of each column bold), and its `relative` block (a score as a share of a reference's) as a second one."""
     scores = {str(d): row for d, row in (ev.get("scores") or {}).items() if isinstance(row, dict)}
     metric = ev.get("metric") if isinstance(ev.get("metric"), dict) else {}
-    models = list(dict.fromkeys(m for row in scores.values() for m in row))
+    scored = list(dict.fromkeys(m for row in scores.values() for m in row))
+    models = [m for m in dict.fromkeys(map(str, order or [])) if m in scored] + [m for m in scored if m not in (order or [])]
     head = "".join(f"<th>{esc(d)}" + (f"<br><small>{esc(metric[d])}</small>" if metric.get(d, d) != d else "") + "</th>"
                    for d in scores)
     best = {d: max((v for v in map(number, row.values()) if v is not None), default=None) for d, row in scores.items()}
@@ -416,25 +438,29 @@ def _render(title: str, stages: list[Stage]) -> str:
            f"<p>{len(stages)} stages, {len(done)} finished"
            + (f", {wall / 60:.1f} min from the first start to the last end" if wall is not None else "")
            + f". Report written {esc(time.strftime('%Y-%m-%d %H:%M'))}.</p>",
-           "<nav>" + "".join(f'<a href="#stage-{esc(s.name)}">{esc(s.name)}</a>' for s in stages) + "</nav>"]
+           "<nav>" + " ".join(f'<a href="#stage-{esc(s.name)}">{esc(s.name)}</a>' for s in stages) + "</nav>"]
     evals = [s for s in stages if s.eval and isinstance(s.eval.get("scores"), dict)]
     for s in evals:
         out.append(f'<h2 id="eval">Evaluation <small>({esc(s.name)})</small></h2>')
-        out.append(eval_table(s.eval))
+        models = s.config.get("models")
+        out.append(eval_table(s.eval, models if isinstance(models, list) else None))
         if any(isinstance(r, dict) and r for r in s.eval["scores"].values()):
             out.append(img(eval_figure({d: r for d, r in s.eval["scores"].items() if isinstance(r, dict)}),
                            "eval scores per domain"))
     if done:
         out.append("<h2>Timeline</h2>")
-        out.append(img(timeline_figure([(s.name, s.kind, started(s), number(s.done["ended"])) for s in done]),
+        out.append(img(timeline_figure([(s.name, s.kind, started(s), number(s.done["ended"]), earlier_attempts(s))
+                                        for s in done]),
                        "stage timeline"))
-    totals = {s.name: t for s in stages if (t := phase_totals(s))}
-    if totals:
+    over = [s.name for s in stages if timers_overrun(s.rows)]  # would only stretch the axis: left out, named
+    totals = {s.name: t for s in stages if s.name not in over and (t := phase_totals(s))}
+    if totals or over:
         out.append("<h2>Where the time went</h2>")
+    if totals:
         out.append(img(phases_figure(totals), "time per phase and stage"))
-        if over := [s.name for s in stages if timers_overrun(s.rows)]:
-            out.append(f"<p class=warn>In {esc(', '.join(over))} the timed phases add up to more time than passed "
-                       "between its metric lines: its time/* metrics look cumulative rather than per step.</p>")
+    if over:
+        out.append(f"<p class=warn>Left out: {esc(', '.join(over))}, whose timed phases add up to more time than "
+                   "passed between its metric lines; its time/* metrics look cumulative rather than per step.</p>")
     out.append("<h2>Stages</h2>")
     out.extend(stage_section(s) for s in stages)
     out.append("</body></html>")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.report import choose_panels, load_run, render_html, series, timers_overrun
+from pipeline.report import choose_panels, earlier_attempts, load_run, phase_totals, render_html, series, timers_overrun
 from tests.pipeline.test_run import pipeline, tiny_workflow
 
 # Names and shapes as the stages log them (from a quickstart run: grpo's mixed stage and opd).
@@ -146,6 +146,15 @@ def test_cumulative_timers_are_called_out():
     per_step = [{"time": 100 + i, "time/train": 0.9} for i in range(10)]
     cumulative = [{"time": 100 + i, "time/train": 0.9 * (i + 1)} for i in range(10)]
     assert not timers_overrun(per_step) and timers_overrun(cumulative)
+
+
+def test_a_resumed_stage_shows_its_earlier_attempt(tmp_path):
+    d = write_stage(tmp_path / "wf", "grpo", "grpo", [GRPO_ROW] * 6, t0=1000)  # lines at 1010 ... 1060
+    (d / "DONE.json").write_text(json.dumps({"seconds": 50, "started": 1035, "ended": 1085}))  # resumed at 1035
+    (stage,) = load_run(tmp_path / "wf")
+    assert earlier_attempts(stage) == (1010, 1030)
+    # DONE.json times the last attempt only: "other" is what its own three steps' phases leave of its 50 s
+    assert phase_totals(stage)["generate"] == 30 and abs(phase_totals(stage)["other"] - (50 - 3 * 9.05)) < 1e-9
 
 
 def test_a_directory_that_is_not_a_run_is_one_line_error(tmp_path):
