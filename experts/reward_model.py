@@ -181,22 +181,22 @@ def run(cfg: Config, ctx: StageContext) -> None:
     log.info("reward_model: %d train / %d eval pairs, held-out accuracy %.3f at step %d",
              len(train_pairs), len(eval_pairs), before, start)
 
-    times: dict[str, float] = {}
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=ctx.name, mininterval=2.0)
     for step in bar:
+        times: dict[str, float] = {}  # this step's phases, not a running total
         rng = random.Random(ctx.seed * 1_000_003 + step)  # each step's pairs fixed by the step: resumable
         batch = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(cfg.batch_size)]
         with timer("train", times):
             out = group.train_step(encode_pairs(tok, batch, cfg.max_length), bt_objective, denominator=len(batch),
                                    micro_batch_size=cfg.batch_size, label=f"step {step}")
         metrics = {"loss": out["loss"] / len(batch), "train/pairwise_accuracy": out["correct"] / len(batch),
-                   "train/margin": out["margin"] / len(batch), "grad_norm": out["grad_norm"], "lr": out["lr"], **times}
+                   "train/margin": out["margin"] / len(batch), "grad_norm": out["grad_norm"], "lr": out["lr"]}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with timer("eval", times):
                 metrics["eval/pairwise_accuracy"] = accuracy(group, tok, eval_pairs, cfg.max_length)
             log.info("reward_model step %d: loss %.4f, held-out accuracy %.3f", step, metrics["loss"],
                      metrics["eval/pairwise_accuracy"])
-        ctx.log_metrics(step, metrics)
+        ctx.log_metrics(step, {**metrics, **times})
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train/pairwise_accuracy']:.2f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             group.save(ctx.checkpoint_dir, step, cfg.keep_checkpoints)

@@ -378,13 +378,22 @@ def eval_table(ev: dict, order: list | None = None) -> str:
     rel = ev.get("relative") if isinstance(ev.get("relative"), dict) else {}
     rows = [f"<tr><th>{esc(m)}</th><td>{esc(d)}</td><td>{esc(r.get('reference'))}</td>"
             f"<td>{number(r.get('score')) or 0:.3f} / {number(r.get('reference_score')) or 0:.3f}</td>"
-            f"<td>{number(r.get('share')) or 0:.3f}</td></tr>"
+            f"<td>{share_text(number(r.get('share')))}</td></tr>"
             for m, per in rel.items() if isinstance(per, dict) for d, r in per.items() if isinstance(r, dict)]
     if rows:
         out += ("<p>Relative scores: a model's score as a share of a reference model's on the same domain.</p>"
                 "<table><tr><th>model</th><th>domain</th><th>reference</th><th>score / reference</th>"
                 f"<th>share</th></tr>{''.join(rows)}</table>")
     return out
+
+
+def share_text(share: float | None) -> str:
+    """A relative score as shown: none where the reference scores 0 (no share of nothing means anything).
+
+    >>> share_text(1.1875), share_text(None)
+    ('1.188', 'none (reference 0)')
+    """
+    return "none (reference 0)" if share is None else f"{share:.3f}"
 
 
 def values_table(row: dict) -> str:

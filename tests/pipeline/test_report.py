@@ -162,3 +162,12 @@ def test_a_directory_that_is_not_a_run_is_one_line_error(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: report: ")
     empty = pipeline("report", tmp_path)
     assert empty.returncode == 2 and "holds no stage directories" in empty.stderr
+
+
+def test_docstring_examples():
+    import doctest
+
+    import pipeline.report
+
+    result = doctest.testmod(pipeline.report)
+    assert result.attempted > 0 and result.failed == 0
