@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from pipeline.submit import submit_workflow
 
+            from pipeline.runner import workflow_dir
+
             submit_workflow(wf, args.address, args.runs_dir, args.stage, args.force, max_parallel=args.max_parallel)
+            report_after_run(workflow_dir(wf, args.runs_dir))
     except UserError as e:
         quiet_ray()
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -87,6 +87,7 @@ def test_submit_runs_each_stage_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_
         assert (runs / "cluster" / stage / "DONE.json").exists()
     assert steps_logged(runs / "cluster" / "sft") == [1, 2, 3, 4]
     assert "math" in json.loads((runs / "cluster" / "eval" / "eval.json").read_text())["scores"]
+    assert f"report: {runs.resolve() / 'cluster' / 'report.html'}" in r.stdout  # the submitting driver writes it
 
 
 def test_submit_to_a_dead_address_is_one_clear_line(tmp_path):
