@@ -39,6 +39,10 @@ class LmEvalConfig(StageConfig):
     def _tasks_known(cls, tasks: list[str], info: ValidationInfo) -> list[str]:
         # Checked here so a typo fails `pipeline validate`, not the eval stage after hours of training. An
         # include_path that does not exist is left to the workflow's path check, which names it.
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:  # an optional extra
+            raise ValueError("the lm-eval package is not installed; pip install -e '.[lm-eval]' (or lm-eval)")
         include = info.data.get("include_path")
         problem = unknown_task(tasks, include if include and Path(include).is_dir() else None)
         if problem:
