@@ -253,8 +253,8 @@ def _load(raw: dict, path: Path, overrides: tuple[str, ...]) -> Workflow:
         cfg = _validate(cls, st.config, where, prefix=f"{at}.config.")
         for field_path, ref, value in _refs(cfg):
             _check_ref(where, f"{at}.config.{field_path}", ref, value, name, st.needs, spec.stages)
-        mine = tuple(o for o in overrides if o.lstrip("+~").startswith((f"{at}.", f"{at}=")) or
-                     o.lstrip("+").startswith("seed="))
+        keys = (o.lstrip("+~").split("=", 1)[0] for o in overrides)
+        mine = tuple(o for o, k in zip(overrides, keys) if k in ("seed", at) or k.startswith(f"{at}."))
         stages[name] = Stage(name, st.kind, tuple(st.needs), cfg, stage_seed(spec.seed, name), mine)
 
     order = _topo_order(stages, where)
