@@ -16,13 +16,12 @@ finished stage rerun with a different override is refused until `--force`, as an
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from typing import Any, Sequence
 
 import yaml
 
-from pipeline.config import UserError
+from pipeline.config import UserError, _did_you_mean, _short
 
 MAX_OVERRIDES = 256  # a command line, not a config file
 MAX_OVERRIDE_CHARS = 4096
@@ -90,7 +89,7 @@ def _apply(node: Any, parts: list[str], value: Any, delete: bool) -> None:
                 raise ValueError(f"{here} is a list of {len(node)}; {part!r} is not an index into it")
             part = int(part)
         elif not isinstance(node, dict):
-            raise ValueError(f"{here} is {_short(node)}, not a mapping or a list")
+            raise ValueError(f"{here} is {_short(node, 40)}, not a mapping or a list")
         elif part not in node and depth == 1 and parts[0] == "stages":
             raise ValueError(f"no stage {part!r}{_did_you_mean(part, node)}")
         if last:
@@ -122,13 +121,3 @@ def blame(message: str, where: str, overrides: Sequence[str]) -> str:
         if field == key or field.startswith(key + ".") or key.startswith(field + "."):
             return f"{message} (set by override {text!r})"
     return message
-
-
-def _short(value: Any) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= 40 else shown[:37] + "..."
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
