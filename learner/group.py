@@ -114,12 +114,31 @@ class WorkerGroup:
                 raise WorkerFailed(f"{self.name} {self.nodes[rank_of[f]]} died during {method} "
                                    f"({type(e).__name__}); rerun to resume from the last checkpoint") from None
             except ray.exceptions.RayTaskError as e:
-                self.close()
                 if isinstance(e.cause, UserError):
+                    self.close()
                     raise e.cause from None
-                raise WorkerFailed(f"{self.name} {self.nodes[rank_of[f]]} failed during {method}: "
-                                   f"{type(e.cause).__name__}: {e.cause}") from None
+                # A rank whose peer was killed fails first, with a broken collective: name the dead one.
+                dead = self._dead_rank(pending, rank_of)
+                self.close()
+                failed = f"{self.nodes[rank_of[f]]} failed during {method}: {type(e.cause).__name__}: {e.cause}"
+                if dead is not None:
+                    raise WorkerFailed(f"{self.name} {self.nodes[dead]} died during {method} (and {failed}); "
+                                       f"rerun to resume from the last checkpoint") from None
+                raise WorkerFailed(f"{self.name} {failed}") from None
         return [results[i] for i in range(len(futures))]
+
+    def _dead_rank(self, pending: list, rank_of: dict, grace_s: float = 10.0) -> int | None:
+        """The first of the still-running ranks whose process died, waiting up to `grace_s` for Ray
+        to notice; None if they all live."""
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=grace_s)
+        for f in done:
+            try:
+                ray.get(f)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                return rank_of[f]
+            except ray.exceptions.RayTaskError:
+                pass
+        return None
 
     def train_step(self, batch: Batch | list[Batch], objective: Objective, denominator: float, micro_batch_size: int,
                    label: str | None = None) -> dict[str, float]:

@@ -70,6 +70,22 @@ def test_a_sigkilled_worker_fails_the_step_naming_it(ray_cluster, tiny_base):
     assert group.workers == [], "the surviving rank is killed rather than left waiting in a collective"
 
 
+def _rank_1_dies_late_rank_0_breaks_first(model):
+    import torch.distributed as dist
+    if dist.get_rank() == 1:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError("Connection reset by peer")  # what gloo raises on rank 0 before Ray sees rank 1 die
+
+
+def test_the_rank_that_died_is_named_even_when_its_peer_fails_first(ray_cluster, tiny_base):
+    group = WorkerGroup(str(tiny_base), LearnerConfig(workers=2))
+    with pytest.raises(WorkerFailed, match=r"rank 1 on .* died during apply \(and rank 0 on .* failed during "
+                                           r"apply: RuntimeError: Connection reset by peer\)"):
+        group.apply(_rank_1_dies_late_rank_0_breaks_first)
+    assert group.workers == []
+
+
 def test_a_learner_larger_than_the_cluster_fails_before_starting(ray_cluster, tiny_base):
     cpus = ray.cluster_resources()["CPU"]
     with pytest.raises(UserError, match=rf"learner asks for {int(cpus) + 1} workers x 1 CPU = {int(cpus) + 1} CPU, "
