@@ -11,6 +11,7 @@ Trajectory files named in `session(trajectory=...)` are written on the actor's n
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import tempfile
@@ -93,6 +94,39 @@ def restarts() -> int:
         return int(bool(ctx.was_current_actor_reconstructed))
 
 
+RESTART_WAIT_S = 120.0  # how long a call waits for Ray to restart a dead service before it fails
+
+
+def get_through_restarts(call, timeout_s: float = RESTART_WAIT_S) -> Any:
+    """`ray.get(call())`, sent again while the service it goes to is dead or restarting.
+
+    Only for calls that are safe to repeat: a call in flight when a service dies may or may not have
+    run there, and a restarted service reaps the dead one's containers, so nothing it did survives.
+    """
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(call())
+        except ray.exceptions.RayActorError as e:
+            if time.monotonic() > end:
+                raise
+            log.warning("sandbox service unavailable (%s); retrying", str(e).splitlines()[0][:200])
+            time.sleep(1.0)
+
+
+async def aget_through_restarts(call, timeout_s: float = RESTART_WAIT_S) -> Any:
+    """`get_through_restarts` for an event loop."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await call()
+        except ray.exceptions.RayActorError as e:
+            if time.monotonic() > end:
+                raise
+            log.warning("sandbox service unavailable (%s); retrying", str(e).splitlines()[0][:200])
+            await asyncio.sleep(1.0)
+
+
 def serve_pool(
     size: int = 4,
     image: str = DEFAULT_IMAGE,
@@ -122,20 +156,22 @@ class RemotePool:
         self._next = itertools.cycle(self.actors)
         self._lock = threading.Lock()
 
+    # Every call below survives a service that Ray is restarting: each runs in a fresh container, so
+    # sending it again is safe.
     @property
     def size(self) -> int:
         """Containers the served pools keep, together."""
-        return sum(info["size"] for info in ray.get([a.info.remote() for a in self.actors]))
+        return sum(get_through_restarts(lambda a=a: a.info.remote())["size"] for a in self.actors)
 
     def _pick(self) -> ray.actor.ActorHandle:
         with self._lock:
             return next(self._next)
 
     def run(self, code: str | None = None, **kwargs: Any) -> Result:
-        return Result(**ray.get(self._pick().run.remote(code, **kwargs)))
+        return Result(**get_through_restarts(lambda: self._pick().run.remote(code, **kwargs)))
 
     async def arun(self, code: str | None = None, **kwargs: Any) -> Result:
-        return Result(**await self._pick().run.remote(code, **kwargs))
+        return Result(**await aget_through_restarts(lambda: self._pick().run.remote(code, **kwargs)))
 
     def session(self, trajectory: str | Path | None = None, ttl_s: float | None = None,
                 actor: ray.actor.ActorHandle | None = None) -> RemoteSession:
@@ -146,9 +182,9 @@ class RemotePool:
         """
         actor = actor or self._pick()
         if trajectory is None:
-            sid, log_path = ray.get(actor.open_resumable.remote(ttl_s))
+            sid, log_path = get_through_restarts(lambda: actor.open_resumable.remote(ttl_s))
             return RemoteSession(actor, sid, log_path)
-        sid = ray.get(actor.open_session.remote(str(trajectory), ttl_s))
+        sid = get_through_restarts(lambda: actor.open_session.remote(str(trajectory), ttl_s))
         return RemoteSession(actor, sid, str(trajectory))
 
 
@@ -167,7 +203,7 @@ class RemoteSession:
             self._rebuild(e)
             return ray.get(self.actor.session_call.remote(self.id, op, args))
 
-    def _rebuild(self, error: Exception, timeout_s: float = 120.0) -> None:
+    def _rebuild(self, error: Exception, timeout_s: float = RESTART_WAIT_S) -> None:
         """The actor died mid-episode: once Ray has restarted it, rebuild the session from its log.
 
         A call in flight when the actor died was not logged, so it is sent again; one that was
@@ -175,15 +211,7 @@ class RemoteSession:
         """
         log.warning("sandbox service died during session %s (%s); rebuilding it from %s", self.id,
                     str(error).splitlines()[0], self.trajectory)
-        end = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.id = ray.get(self.actor.rebuild_session.remote(self.trajectory))
-                return
-            except ray.exceptions.RayActorError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(1.0)
+        self.id = get_through_restarts(lambda: self.actor.rebuild_session.remote(self.trajectory), timeout_s)
 
     def exec(self, cmd: str | list[str], *, stdin: str | None = None, timeout: float | None = None) -> Result:
         return Result(**self._call("exec", cmd=cmd, stdin=stdin, timeout=timeout))

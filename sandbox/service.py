@@ -122,9 +122,9 @@ def services() -> list:
 def service_metrics() -> dict[str, float]:
     """The services as stage metrics: live sessions and restarts (summed over nodes), checkout queue wait
     p50 / p99 in ms (the worst node's); {} when none runs."""
-    import ray
+    from sandbox.actor import get_through_restarts
 
-    infos = ray.get([a.info.remote() for a in services()])
+    infos = [get_through_restarts(lambda a=a: a.info.remote()) for a in services()]
     if not infos:
         return {}
     return {"sandbox/live_sessions": sum(i["live_sessions"] for i in infos),

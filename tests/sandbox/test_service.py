@@ -51,3 +51,30 @@ def test_killed_service_restarts_and_the_episode_goes_on_in_a_rebuilt_session():
     assert out["final"] == "one\ntwo\nfour\n"
     assert out["restarts"] >= 1 and not out["same"]  # a new actor with a new pool
     assert out["stopped"] == 1 and out["left"] == []  # the dead service's containers were reaped, the new one's closed
+
+
+KILL_MID_CALL = """
+import json, os, signal, threading
+import ray
+from sandbox.service import ServiceConfig, node_pool, service_metrics, start_services, stop_services
+
+ray.init(num_cpus=2, include_dashboard=False)
+[actor] = start_services(ServiceConfig(size=2)).values()
+pool, owned = node_pool(size=1)
+pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+ran = pool.run("import time; time.sleep(4); print('ran')")  # in flight when the service dies
+after = {"size": pool.size, "restarts": service_metrics()["sandbox/restarts"]}
+with pool.session() as s:
+    after["session"] = s.exec("echo ok").stdout
+stop_services()
+print(json.dumps({"owned": owned, "ran": ran.stdout, **after}))
+"""
+
+
+def test_a_pool_call_in_flight_when_the_service_dies_is_sent_again_to_its_restart():
+    r = subprocess.run([sys.executable, "-c", KILL_MID_CALL], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not out["owned"] and out["restarts"] >= 1
+    assert out == {**out, "ran": "ran\n", "size": 2, "session": "ok\n"}
