@@ -44,7 +44,10 @@ class LearnedReward:
 
     name = "reward_model"
 
-    def __init__(self, path: str, batch_size: int = 32, max_length: int = 512):
+    def __init__(self, path: str, batch_size: int = 32, max_length: int = 512, sigmoid: bool = False):
+        """`sigmoid`: score sigmoid(r), the Bradley-Terry probability that the answer beats one scored 0,
+        bounded in (0, 1). A raw score is unbounded: beside a checker's 0/1 reward, even a small weight
+        lets the policy chase the RM instead of the checker."""
         from transformers import AutoModelForSequenceClassification
 
         from experts.models import load_tokenizer
@@ -52,10 +55,14 @@ class LearnedReward:
         self.tokenizer = load_tokenizer(path)
         self.tokenizer.truncation_side = "left"
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
-        self.batch_size, self.max_length = batch_size, max_length
+        if not isinstance(sigmoid, bool):
+            raise ValueError(f"reward_model: option 'sigmoid' is true or false, not {sigmoid!r}")
+        self.batch_size, self.max_length, self.sigmoid = batch_size, max_length, sigmoid
 
     def __call__(self, samples: Sequence[Sample]) -> list[RewardResult]:
         texts = [render(self.tokenizer, s.get("messages") or [], answer_text(s["completion"])) for s in samples]
         with torch.no_grad():
             scores = score_texts(self.model, self.tokenizer, texts, self.max_length, self.batch_size)
+        if self.sigmoid:
+            scores = torch.sigmoid(scores)
         return [RewardResult(float(x)) for x in scores]

@@ -118,4 +118,4 @@ def test_validate_prints_stage_graph():
     r = subprocess.run([sys.executable, "-m", "pipeline", "validate", "workflows/quickstart.yaml"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert "sft_math" in r.stdout and "<- base" in r.stdout
+    assert "grpo_math" in r.stdout and "<- mixed_sft" in r.stdout

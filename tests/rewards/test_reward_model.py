@@ -2,6 +2,7 @@
 trains on a 2-worker learner group."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -55,6 +56,17 @@ def test_trained_model_serves_as_the_reward_model_reward(trained):
     wins = sum(c.score > r.score for c, r in zip(chosen, rejected))
     assert wins >= 28, wins
     assert reward.metrics(chosen)["reward/reward_model"] > reward.metrics(rejected)["reward/reward_model"]
+
+
+def test_sigmoid_bounds_the_score_and_keeps_its_order(trained):
+    path = str(trained / "model")
+    pairs = preference_pairs(8, seed=7)
+    samples = [{"messages": p["messages"], "completion": p[k]} for p in pairs for k in ("chosen", "rejected")]
+    raw = [r.score for r in CombinedReward(RewardSpec(weights={"reward_model": 1.0}, reward_model=path))(samples)]
+    bounded = [r.score for r in CombinedReward(RewardSpec(weights={"reward_model": 1.0}, reward_model=path,
+                                                          options={"reward_model": {"sigmoid": True}}))(samples)]
+    assert bounded == pytest.approx([1 / (1 + math.exp(-x)) for x in raw], abs=1e-6)
+    assert all(0 < b < 1 for b in bounded)
 
 
 def test_two_workers_train_the_reward_model(tmp_path, ray_session):
