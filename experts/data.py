@@ -75,6 +75,12 @@ class DataConfig(StageConfig):
     seed: int = Field(0, ge=0, lt=1 << 32, description="Seed for generation and for the train/held-out split.")
     system: str | None = Field(None, description="System prompt added to every sample.")
     think: bool = Field(False, description="SFT targets write the answer's working inside the think block.")
+    working: Literal["chain", "columns"] = Field(
+        "chain",
+        description="think: how a reasoning-gym chain of + and - is worked. chain: one operation per line; columns: "
+        "a sum of non-negative numbers digit by digit from the ones column, with carries, so every line is a "
+        "one-digit fact (other expressions fall back to chain).",
+    )
 
     @field_validator("hf_split", mode="before")
     @classmethod
@@ -378,7 +384,12 @@ def _reasoning_gym(cfg: DataConfig) -> list[dict]:
     rows = []
     for item in ds:
         answer = str(item["answer"])
-        working = worked_steps(item["metadata"].get("expression"), answer) if cfg.think else None
+        expression = item["metadata"].get("expression")
+        working = None
+        if cfg.think and cfg.working == "columns":
+            working = column_steps(expression, answer)
+        if cfg.think and working is None:
+            working = worked_steps(expression, answer)
         think = f"<think>\n{working}\n</think>\n" if working else "<think>\n</think>\n"
         rows.append(
             _normalise(
@@ -417,6 +428,38 @@ def worked_steps(expression: str | None, answer: str) -> str | None:
         lines.append(f"{value} {op} {num} = {new}")
         value = new
     return "\n".join(lines) if str(value) == str(answer).strip() else f"{expression} = {answer}"
+
+
+_SUM = re.compile(r"\s*\d+(\s*\+\s*\d+)+\s*")
+
+
+def column_steps(expression: str | None, answer: str) -> str | None:
+    """A sum of non-negative numbers worked as on paper: one line per column from the ones, each adding that
+    column's digits (0 where a number is shorter) and the carry; the answer is the last line's sum followed by
+    the earlier lines' last digits. None for any other expression, or if the working would not reach `answer`.
+
+    >>> print(column_steps("47 + 35", "82"))
+    7 + 5 = 12
+    4 + 3 + 1 = 8
+    >>> print(column_steps("5 + 96", "101"))
+    5 + 6 = 11
+    0 + 9 + 1 = 10
+    >>> column_steps("7 - 3", "4") is None
+    True
+    """
+    if not expression or not _SUM.fullmatch(expression):
+        return None
+    numbers = re.findall(r"\d+", expression)
+    width = max(len(n) for n in numbers)
+    columns = zip(*(n.zfill(width)[::-1] for n in numbers))
+    carry, lines, digits = 0, [], []
+    for i, column in enumerate(columns):
+        total = sum(int(d) for d in column) + carry
+        lines.append(" + ".join(list(column) + ([str(carry)] if carry else [])) + f" = {total}")
+        digits.append(str(total) if i == width - 1 else str(total % 10))
+        carry = total // 10
+    value = "".join(reversed(digits)).lstrip("0") or "0"
+    return "\n".join(lines) if value == str(answer).strip() else None
 
 
 def _normalise(row: Any, cfg: DataConfig, where: str, need_completion: bool = False) -> dict:

@@ -59,6 +59,24 @@ def test_docstring_examples():
     assert doctest.testmod(experts.data).failed == 0
 
 
+def test_column_working_adds_one_digit_facts_up_to_the_answer():
+    cfg = DataConfig(domain="math", source="reasoning_gym", task="basic_arithmetic", size=300, heldout=0, think=True,
+                     working="columns", task_args={"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2,
+                                                   "operators": ["+"], "allow_negation": False,
+                                                   "allow_parentheses": False})
+    for s in load_samples(cfg, need_completion=True):
+        think, boxed = s["completion"].split("</think>")
+        lines = think.replace("<think>", "").strip().splitlines()
+        digits = []
+        for line in lines:
+            terms, total = line.split(" = ")
+            assert all(len(t) == 1 for t in terms.split(" + ")) and sum(map(int, terms.split(" + "))) == int(total)
+            digits.append(total)
+        assert boxed.strip() == f"\\boxed{{{digits[-1] + ''.join(d[-1] for d in reversed(digits[:-1]))}}}"
+        assert int(s["answer"]) == sum(map(int, s["messages"][-1]["content"].removeprefix("Calculate ")
+                                           .rstrip(".").split(" + ")))
+
+
 def test_generator_must_be_importable():
     with pytest.raises(ValueError, match="task 'no.such:thing': expected an importable `module:function`"):
         DataConfig(source="generator", task="no.such:thing")
