@@ -384,12 +384,10 @@ def _reasoning_gym(cfg: DataConfig) -> list[dict]:
     rows = []
     for item in ds:
         answer = str(item["answer"])
-        expression = item["metadata"].get("expression")
-        working = None
-        if cfg.think and cfg.working == "columns":
-            working = column_steps(expression, answer)
-        if cfg.think and working is None:
-            working = worked_steps(expression, answer)
+        expression, working = item["metadata"].get("expression"), None
+        if cfg.think:
+            working = column_steps(expression, answer) if cfg.working == "columns" else None
+            working = working or worked_steps(expression, answer)
         think = f"<think>\n{working}\n</think>\n" if working else "<think>\n</think>\n"
         rows.append(
             _normalise(
