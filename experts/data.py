@@ -434,7 +434,7 @@ _SUM = re.compile(r"\s*\d+(\s*\+\s*\d+)+\s*")
 def column_steps(expression: str | None, answer: str) -> str | None:
     """A sum of non-negative numbers worked as on paper: one line per column from the ones, each adding that
     column's digits (0 where a number is shorter) and the carry; the answer is the last line's sum followed by
-    the earlier lines' last digits. None for any other expression, or if the working would not reach `answer`.
+    the earlier lines' last digits. None for any other expression, or if `answer` is not the sum.
 
     >>> print(column_steps("47 + 35", "82"))
     7 + 5 = 12
@@ -448,16 +448,15 @@ def column_steps(expression: str | None, answer: str) -> str | None:
     if not expression or not _SUM.fullmatch(expression):
         return None
     numbers = re.findall(r"\d+", expression)
+    if str(sum(map(int, numbers))) != str(answer).strip():
+        return None
     width = max(len(n) for n in numbers)
-    columns = zip(*(n.zfill(width)[::-1] for n in numbers))
-    carry, lines, digits = 0, [], []
-    for i, column in enumerate(columns):
+    carry, lines = 0, []
+    for column in zip(*(n.zfill(width)[::-1] for n in numbers)):
         total = sum(int(d) for d in column) + carry
         lines.append(" + ".join(list(column) + ([str(carry)] if carry else [])) + f" = {total}")
-        digits.append(str(total) if i == width - 1 else str(total % 10))
         carry = total // 10
-    value = "".join(reversed(digits)).lstrip("0") or "0"
-    return "\n".join(lines) if value == str(answer).strip() else None
+    return "\n".join(lines)
 
 
 def _normalise(row: Any, cfg: DataConfig, where: str, need_completion: bool = False) -> dict:
