@@ -211,7 +211,10 @@ def _read(cfg: DataConfig, need_completion: bool = False) -> list[dict]:
     if cfg.source == "reasoning_gym":
         return _reasoning_gym(cfg)
     if cfg.source == "generator":
-        rows = _generator(cfg.task)(n=cfg.size, seed=cfg.seed, **cfg.task_args)
+        try:
+            rows = _generator(cfg.task)(n=cfg.size, seed=cfg.seed, **cfg.task_args)
+        except (TypeError, ValueError) as e:  # a task_args name or value the generator does not take
+            raise UserError(f"data.task_args: {cfg.task} cannot make samples with {cfg.task_args}: {e}") from None
         return [_normalise(r, cfg, f"{cfg.task}[{i}]", need_completion) for i, r in enumerate(rows)]
     if cfg.source == "jsonl":
         return _read_jsonl(cfg, need_completion)

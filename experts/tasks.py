@@ -67,19 +67,32 @@ def code_samples(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def agent_samples(n: int, seed: int = 0, system: str | None = None) -> list[dict]:
+# Words the count tasks' file names are made of (`<word><1-99>.txt`); `agent_samples(names=k)` uses the first k.
+_FILE_WORDS = ("data", "log", "notes", "items", "list", "words", "names", "rows", "todo", "tasks", "users", "files",
+               "events", "cities", "colors", "scores", "errors", "orders", "books", "songs", "emails", "hosts",
+               "ports", "keys", "dates", "prices", "jobs", "parts", "tags", "links", "stock", "plants")
+
+
+def agent_samples(n: int, seed: int = 0, system: str | None = None, names: int = 4) -> list[dict]:
     """`n` sandbox tasks (write a value to a file, or count lines) with scripted SFT episodes: the tool call,
     then (`meta.followup`) the tool's observation and a final answer that ends the episode.
 
-    `system` defaults to `sandbox.toolcall.tools_prompt()`; tiny models want a shorter one.
+    `system` defaults to `sandbox.toolcall.tools_prompt()`; tiny models want a shorter one. `names` is how many
+    words the count tasks' file names draw from (at most 32): with the default 4 a small model can learn a 4-way
+    choice instead of copying the name from the prompt, and fail it on one word (docs/grpo.md, agent).
 
     >>> s = agent_samples(1, system="Use tools.")[0]
     >>> s["domain"], s["meta"]["task"]["check"]
     ('agent', 'test "$(cat answer.txt)" = 8')
+    >>> [s["meta"]["task"]["prompt"].split()[4] for s in agent_samples(3, names=32)]
+    ['notes34.txt', 'prices39.txt', 'cities65.txt']
     """
     from sandbox import toolcall
 
+    if not 1 <= names <= len(_FILE_WORDS):
+        raise ValueError(f"agent_samples: names={names} is not in 1..{len(_FILE_WORDS)}")
     rng = random.Random(seed)
+    words = list(_FILE_WORDS[:names])
     system = toolcall.tools_prompt() if system is None else system
     out = []
     for i in range(n):
@@ -90,7 +103,7 @@ def agent_samples(n: int, seed: int = 0, system: str | None = None) -> list[dict
             observation = f"wrote {len(str(v))} bytes to answer.txt"
         else:
             v = rng.randint(2, 9)
-            name = f"{rng.choice(['data', 'log', 'notes', 'items'])}{rng.randint(1, 99)}.txt"  # distinct prompts
+            name = f"{rng.choice(words)}{rng.randint(1, 99)}.txt"  # distinct prompts
             prompt = f"Count the lines of {name} and write the count to answer.txt."
             setup = {"commands": [f"seq {v} > {name}"]}
             call = toolcall.format_call("bash", command=f"wc -l < {name} > answer.txt")

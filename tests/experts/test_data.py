@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -80,6 +81,27 @@ def test_column_working_adds_one_digit_facts_up_to_the_answer():
 def test_generator_must_be_importable():
     with pytest.raises(ValueError, match="task 'no.such:thing': expected an importable `module:function`"):
         DataConfig(source="generator", task="no.such:thing")
+
+
+def test_generator_arguments_it_does_not_take_are_one_line():
+    bad = DataConfig(domain="agent", source="generator", task="experts.tasks:agent_samples", size=4, heldout=1,
+                     task_args={"names": 99})
+    with pytest.raises(UserError, match=r"^data.task_args: experts.tasks:agent_samples cannot make samples with "
+                                        r"\{'names': 99\}: agent_samples: names=99 is not in 1..32$"):
+        load_samples(bad, "train")
+    with pytest.raises(UserError, match=r"unexpected keyword argument 'nmaes'"):
+        load_samples(bad.model_copy(update={"task_args": {"nmaes": 8}}), "train")
+
+
+def test_agent_file_names_are_copied_from_the_prompt_not_picked_from_four():
+    from experts.tasks import agent_samples
+
+    counts = [s for s in agent_samples(600, names=32) if s["meta"]["task"]["prompt"].startswith("Count")]
+    names = [s["meta"]["task"]["prompt"].split()[4] for s in counts]
+    assert len({re.fullmatch(r"([a-z]+)[0-9]+\.txt", n).group(1) for n in names}) == 32
+    for s, name in zip(counts, names):  # the scripted call counts the very file the prompt names
+        assert f"wc -l < {name} > answer.txt" in s["completion"]
+    assert agent_samples(50) == agent_samples(50, names=4)  # the default is the four-word task earlier runs used
 
 
 def test_jsonl_record_errors_name_file_and_line(tmp_path):
