@@ -92,7 +92,9 @@ def _setup(cfg: Config, ctx: StageContext, pairs: list[dict]):
     if cfg.model is not None:
         path = ctx.model_path(cfg.model)
         tok = load_tokenizer(path)
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+        with torch.random.fork_rng():  # the new score head is drawn from torch's RNG: seed it, so a rerun is the same
+            torch.manual_seed(ctx.seed)
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
     else:
         texts = [m["content"] for p in pairs for m in p["messages"]] + [p[k] for p in pairs for k in ("chosen", "rejected")]
         tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)

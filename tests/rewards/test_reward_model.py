@@ -32,6 +32,18 @@ def test_stage_is_registered_and_its_defaults_validate():
     assert stage_module("reward_model").Config() == Config()
 
 
+def test_the_score_head_on_a_language_model_is_seeded(tmp_path):
+    from experts.models import build_tiny_model, save_checkpoint, train_tokenizer
+    from experts.reward_model import _setup
+
+    tok = train_tokenizer(["count the lines", "write the answer"] * 50, vocab_size=300)
+    save_checkpoint(build_tiny_model(tok, num_hidden_layers=1, hidden_size=32, intermediate_size=64), tok, tmp_path / "lm")
+    ctx = lambda seed: StageContext("test", "rm", tmp_path / "rm", {}, seed=seed)
+    heads = [_setup(Config(model=str(tmp_path / "lm")), ctx(seed), [])[0].score.weight for seed in (0, 0, 1)]
+    assert torch.equal(heads[0], heads[1])  # a rerun starts from the same reward model
+    assert not torch.equal(heads[0], heads[2])
+
+
 def test_held_out_pairs_are_ranked_far_better_than_chance(trained):
     report = json.loads((trained / "eval.json").read_text())
     assert report["n_eval"] == 60
