@@ -92,7 +92,7 @@ def _setup(cfg: Config, ctx: StageContext, pairs: list[dict]):
     if cfg.model is not None:
         path = ctx.model_path(cfg.model)
         tok = load_tokenizer(path)
-        with torch.random.fork_rng():  # the new score head is drawn from torch's RNG: seed it, so a rerun is the same
+        with torch.random.fork_rng(devices=[]):  # the new score head is drawn from torch's RNG: seed it, so a rerun is the same
             torch.manual_seed(ctx.seed)
             model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
     else:
