@@ -415,14 +415,19 @@ def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], c
         "response/length_max": float(lengths.max()) if len(lengths) else 0.0,
         "response/truncated_frac": float(truncated.float().mean()) if len(truncated) else 0.0,
     }
-    if len({d.domain for d in cfg.data}) > 1:  # a mixed model: how each domain fares on its own
+    if len({d.domain for d in cfg.data}) > 1:  # a mixed model: how each domain fares, and its part of the update
         flat, scored_rows = rewards.flatten(), counted.flatten()
+        learned = train & informative  # groups whose advantages are not all 0
+        signal = keep & learned.repeat_interleave(rewards.shape[1])
+        signal_tokens = max(int(lengths[signal].sum()), 1)
         for d in sorted({r.domain for r in rollouts}):
             mine = torch.tensor([r.domain == d for r in rollouts])
             hits = flat[mine & scored_rows]
             metrics[f"domain/{d}/reward_mean"] = float(hits.mean()) if len(hits) else 0.0
             metrics[f"domain/{d}/length_mean"] = float(lengths[mine].float().mean())
             metrics[f"domain/{d}/rollouts"] = float(mine.sum())
+            metrics[f"domain/{d}/groups_informative"] = float((learned & mine.view(rewards.shape)[:, 0]).sum())
+            metrics[f"domain/{d}/token_share"] = float(lengths[mine & signal].sum()) / signal_tokens
     return idx, [float(adv[i]) for i in idx], metrics
 
 

@@ -257,3 +257,18 @@ def test_a_mix_domain_without_samples_is_one_clear_error():
                  mix={"math": 1, "short": 1}, prompts_per_step=2, steps=2)
     with pytest.raises(UserError, match="mix: domain 'short' has no training samples"):
         PromptPlan(cfg, samples, seed=0)
+
+
+def test_a_mixed_step_says_which_domains_its_update_comes_from():
+    """Mixed GRPO, G = 2: a tied math group (both right) teaches nothing, so the step's signal is all code:
+    1 informative code group and 0 math; code's 3 + 5 trained tokens are the whole token share."""
+    code = DataConfig(domain="code", source="generator", task="experts.tasks:code_samples", size=20, heldout=5)
+    cfg = Config(model="m", data=[DataConfig(**ECHO), code], mix={"math": 1, "code": 1}, prompts_per_step=2,
+                 rollout=RolloutConfig(group_size=2))
+    m, c = sample("m"), sample("c", "code")
+    rollouts = [rollout(m, tokens=4), rollout(m, tokens=6), rollout(c, tokens=3), rollout(c, tokens=5)]
+    keep, _, metrics = score_and_advantages(rollouts, [RewardResult(r) for r in (1.0, 1.0, 0.0, 1.0)], cfg)
+    assert keep == [2, 3]
+    assert (metrics["domain/math/groups_informative"], metrics["domain/code/groups_informative"]) == (0, 1)
+    assert (metrics["domain/math/token_share"], metrics["domain/code/token_share"]) == (0, 1)
+    assert (metrics["domain/math/rollouts"], metrics["domain/code/length_mean"]) == (2, 4)
