@@ -418,8 +418,8 @@ def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], c
     if len({d.domain for d in cfg.data}) > 1:  # a mixed model: how each domain fares, and its part of the update
         flat, scored_rows = rewards.flatten(), counted.flatten()
         learned = train & informative  # groups whose advantages are not all 0
-        signal = keep & learned.repeat_interleave(rewards.shape[1])
-        signal_tokens = max(int(lengths[signal].sum()), 1)
+        weight = (adv.abs() * lengths).where(keep, torch.zeros(()))  # each row's weight in a token_mean loss
+        total = max(float(weight.sum()), 1e-12)
         for d in sorted({r.domain for r in rollouts}):
             mine = torch.tensor([r.domain == d for r in rollouts])
             hits = flat[mine & scored_rows]
@@ -427,7 +427,7 @@ def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], c
             metrics[f"domain/{d}/length_mean"] = float(lengths[mine].float().mean())
             metrics[f"domain/{d}/rollouts"] = float(mine.sum())
             metrics[f"domain/{d}/groups_informative"] = float((learned & mine.view(rewards.shape)[:, 0]).sum())
-            metrics[f"domain/{d}/token_share"] = float(lengths[mine & signal].sum()) / signal_tokens
+            metrics[f"domain/{d}/update_share"] = float(weight[mine].sum()) / total
     return idx, [float(adv[i]) for i in idx], metrics
 
 

@@ -260,15 +260,19 @@ def test_a_mix_domain_without_samples_is_one_clear_error():
 
 
 def test_a_mixed_step_says_which_domains_its_update_comes_from():
-    """Mixed GRPO, G = 2: a tied math group (both right) teaches nothing, so the step's signal is all code:
-    1 informative code group and 0 math; code's 3 + 5 trained tokens are the whole token share."""
+    """Mixed GRPO, G = 2, batch-level std. A tied math group (both right) teaches nothing. The other math
+    group and the code group score 0 and 1: centred -+0.5, over the std 0.5774 of the rewards that train
+    (0, 1, 0, 1), advantages -+0.866. Weights |A| x tokens: math 0.866 x (4 + 6), code 0.866 x (3 + 5),
+    so math has 10/18 of the update and code 8/18."""
     code = DataConfig(domain="code", source="generator", task="experts.tasks:code_samples", size=20, heldout=5)
-    cfg = Config(model="m", data=[DataConfig(**ECHO), code], mix={"math": 1, "code": 1}, prompts_per_step=2,
-                 rollout=RolloutConfig(group_size=2))
-    m, c = sample("m"), sample("c", "code")
-    rollouts = [rollout(m, tokens=4), rollout(m, tokens=6), rollout(c, tokens=3), rollout(c, tokens=5)]
-    keep, _, metrics = score_and_advantages(rollouts, [RewardResult(r) for r in (1.0, 1.0, 0.0, 1.0)], cfg)
-    assert keep == [2, 3]
-    assert (metrics["domain/math/groups_informative"], metrics["domain/code/groups_informative"]) == (0, 1)
-    assert (metrics["domain/math/token_share"], metrics["domain/code/token_share"]) == (0, 1)
-    assert (metrics["domain/math/rollouts"], metrics["domain/code/length_mean"]) == (2, 4)
+    cfg = Config(model="m", data=[DataConfig(**ECHO), code], mix={"math": 2, "code": 1}, prompts_per_step=3,
+                 rollout=RolloutConfig(group_size=2), scale_rewards="batch")
+    tied, m, c = sample("tied"), sample("m"), sample("c", "code")
+    rollouts = [rollout(tied, tokens=9), rollout(tied, tokens=9), rollout(m, tokens=4), rollout(m, tokens=6),
+                rollout(c, tokens=3), rollout(c, tokens=5)]
+    keep, adv, metrics = score_and_advantages(rollouts, [RewardResult(r) for r in (1, 1, 0, 1, 0, 1)], cfg)
+    assert keep == [2, 3, 4, 5] and adv == pytest.approx([-0.866, 0.866] * 2, abs=1e-3)
+    assert (metrics["domain/math/groups_informative"], metrics["domain/code/groups_informative"]) == (1, 1)
+    assert metrics["domain/math/update_share"] == pytest.approx(10 / 18)
+    assert metrics["domain/code/update_share"] == pytest.approx(8 / 18)
+    assert (metrics["domain/math/rollouts"], metrics["domain/code/length_mean"]) == (4, 4)
