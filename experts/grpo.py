@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -111,6 +111,10 @@ class Config(StageConfig):
                                   "{math: 4, code: 1} (normalised), as sft.mix: a mixed model's steps can hold each "
                                   "domain as its expert's did. Empty: prompts drawn from all samples alike (fresh_"
                                   "prompts: in proportion to each source's size).")
+    domain_quotas: bool = Field(False, description="With `mix` and dynamic_sampling: each domain trains at most as "
+                                "many groups as the step planned for it, and refills draw only the domains short of "
+                                "that, as each domain's own expert would; without it a domain whose groups tie hands "
+                                "its slots to whichever domain is still learning.")
     fresh_prompts: bool = Field(False, description="Each step draws new problems from the data's generators (source "
                                 "generator or reasoning_gym; seeds from data.seed and the step; never a held-out "
                                 "prompt) instead of walking the fixed train split.")
@@ -147,6 +151,12 @@ class Config(StageConfig):
     @model_validator(mode="after")
     def _mix_names_domains(self):
         check_mix(self.mix, self.data)
+        return self
+
+    @model_validator(mode="after")
+    def _quotas_need_a_mix(self):
+        if self.domain_quotas and not self.mix:
+            raise ValueError("domain_quotas: true needs `mix` (each domain's share of a step is its quota)")
         return self
 
     @model_validator(mode="after")
@@ -388,11 +398,14 @@ def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], c
     A sample whose reward failed counts nowhere: not in its group's mean and std, not in the loss
     (a made-up 0 would teach the policy something false); a group with fewer than 2 counted samples
     trains nothing. With dynamic sampling only informative groups train, the first
-    `prompts_per_step` of them; a tied group's advantages are 0. `overlong: filter` then drops the
+    `prompts_per_step` of them (`domain_quotas`: the first of each domain, up to its quota); a tied
+    group's advantages are 0. `overlong: filter` then drops the
     responses that ran out of budget (`finished` False).
     """
     rewards, counted, informative = group_signal(rollouts, results, cfg)
-    if cfg.dynamic_sampling:
+    if cfg.dynamic_sampling and cfg.domain_quotas:
+        train = within_quotas(group_domains(rollouts, rewards.shape[1]), informative, cfg.prompts_per_step)
+    elif cfg.dynamic_sampling:
         train = informative & (informative.cumsum(0) <= cfg.prompts_per_step)
     else:
         train = counted.sum(-1) >= 2
@@ -431,7 +444,28 @@ def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], c
     return idx, [float(adv[i]) for i in idx], metrics
 
 
-def rollout_groups(cfg: Config, take: Callable[[int], list[dict]], generate: Callable[[list[dict], int], list[Rollout]],
+def group_domains(rollouts: list[Rollout], G: int) -> list[str]:
+    """Each group's domain (a step's rollouts come G to a group, in group order)."""
+    return [rollouts[g].domain for g in range(0, len(rollouts), G)]
+
+
+def within_quotas(domains: list[str], informative: torch.Tensor, P: int) -> torch.Tensor:
+    """The informative groups that train under `domain_quotas`: a domain's quota is its count among the
+    step's own P prompts (the first P groups: refills come after them), and its first informative groups
+    up to that train.  -> bool [groups]
+
+    >>> within_quotas(["m", "m", "c", "c", "c"], torch.tensor([False, True, True, True, True]), P=3).tolist()
+    [False, True, True, False, False]
+    """
+    quota, used = Counter(domains[:P]), Counter()
+    train = []
+    for d, useful in zip(domains, informative.tolist()):
+        train.append(useful and used[d] < quota[d])
+        used[d] += train[-1]
+    return torch.tensor(train, dtype=torch.bool)
+
+
+def rollout_groups(cfg: Config, take: Callable[..., list[dict]], generate: Callable[[list[dict], int], list[Rollout]],
                    score: Callable[[list[Rollout]], list[RewardResult]], times: dict[str, float]
                    ) -> tuple[list[Rollout], list[RewardResult], dict[str, float]]:
     """A step's groups, scored: G rollouts for each of `take(prompts_per_step)`'s prompts; then, with
@@ -441,8 +475,9 @@ def rollout_groups(cfg: Config, take: Callable[[int], list[dict]], generate: Cal
     take(n): the step's next n prompts (`StepPrompts.take`); generate(prompts, call): their rollouts,
     grouped (call 0 is the step's own prompts, 1.. the refills); score(rollouts): their results.
     A refill asks for the missing groups over the informative share so far (at most, and when none
-    was informative, prompts_per_step prompts). Generating and scoring are timed as `generate` and
-    `score`, refills included.
+    was informative, prompts_per_step prompts). With `domain_quotas` each domain short of its quota
+    (`within_quotas`) is refilled on its own the same way, its quota in place of prompts_per_step, by
+    `take(n, domain)`. Generating and scoring are timed as `generate` and `score`, refills included.
     """
     P, G = cfg.prompts_per_step, cfg.rollout.group_size
     rollouts: list[Rollout] = []
@@ -457,30 +492,58 @@ def rollout_groups(cfg: Config, take: Callable[[int], list[dict]], generate: Cal
                 r.group += len(rollouts) // G  # numbered over the whole step
             rollouts += new
             informative = group_signal(rollouts, results, cfg)[2]
-        missing = P - int(informative.sum())
-        if not cfg.dynamic_sampling or calls == cfg.max_refill_calls or missing <= 0:
+        if cfg.domain_quotas:
+            wanted = _quota_refills(group_domains(rollouts, G), informative, P)
+        else:
+            wanted = {None: _refill_size(P, int(informative.sum()), float(informative.float().mean()))}
+        if not cfg.dynamic_sampling or calls == cfg.max_refill_calls or not any(wanted.values()):
             break
-        share = float(informative.float().mean())
-        prompts = take(min(P, math.ceil(missing / share)) if share else P)
+        prompts = [s for domain, n in wanted.items() if n for s in take(n, domain)]
         calls += bool(prompts)
         drawn += len(prompts)
     return rollouts, results, {"refill/generate_calls": float(calls), "refill/groups_drawn": float(drawn)}
 
 
+def _refill_size(quota: int, informative: int, share: float) -> int:
+    """Prompts to draw for `quota - informative` missing groups when a `share` of groups is informative
+    (at most `quota`; `quota` when none was); 0 when none is missing."""
+    missing = quota - informative
+    if missing <= 0:
+        return 0
+    return min(quota, math.ceil(missing / share)) if share else quota
+
+
+def _quota_refills(domains: list[str], informative: torch.Tensor, P: int) -> dict[str, int]:
+    """domain_quotas: prompts to draw for each domain, from its own quota and informative share so far."""
+    quota = Counter(domains[:P])
+    out = {}
+    for d, q in quota.items():
+        mine = torch.tensor([x == d for x in domains])
+        out[d] = _refill_size(q, int(informative[mine].sum()), float(informative[mine].float().mean()))
+    return out
+
+
 class StepPrompts:
-    """One step's supply of prompts, in order: `take(n)` gives the next n not retired; `skipped` counts
-    the retired ones passed over."""
+    """One step's supply of prompts, in order: `take(n)` gives the next n not retired, `take(n, domain)`
+    the next n of that domain (others it passes keep their place for later takes); `skipped` counts the
+    retired ones passed over."""
 
     def __init__(self, candidates: Iterator[dict], retired: Callable[[dict], bool]):
         self.candidates, self.retired, self.skipped = candidates, retired, 0
+        self.waiting: list[dict] = []  # passed over by a take for another domain
 
-    def take(self, n: int) -> list[dict]:
+    def take(self, n: int, domain: str | None = None) -> list[dict]:
         out: list[dict] = []
+        for s in [s for s in self.waiting if domain in (None, s["domain"])][:n]:
+            self.waiting.remove(s)
+            out.append(s)
         while len(out) < n and (s := next(self.candidates, None)) is not None:
             if self.retired(s):
                 self.skipped += 1
-            else:
+            elif domain in (None, s["domain"]):
                 out.append(s)
+            else:
+                self.waiting.append(s)
         return out
 
 

@@ -276,3 +276,44 @@ def test_a_mixed_step_says_which_domains_its_update_comes_from():
     assert metrics["domain/math/update_share"] == pytest.approx(10 / 18)
     assert metrics["domain/code/update_share"] == pytest.approx(8 / 18)
     assert (metrics["domain/math/rollouts"], metrics["domain/code/length_mean"]) == (4, 4)
+
+
+def test_domain_quotas_refill_and_train_each_domain_only_up_to_its_share():
+    """prompts_per_step 4, mix 1:1, G = 2. The step's own prompts: math m0 (tied), m1 (informative), code c0, c1
+    (both informative): quotas math 2, code 2, math is one short. Without quotas the refill draws the supply's
+    next prompts whatever their domain; with them it draws math only (m2, tied; then m3), and code's surplus
+    informative groups never train. One refill call each."""
+    tied, mixed = [1, 1], [0, 1]
+    own = [sample("m0", rewards=tied), sample("m1", rewards=mixed), sample("c0", "code", rewards=mixed),
+           sample("c1", "code", rewards=mixed)]
+    rest = [sample("c2", "code", rewards=mixed), sample("m2", rewards=mixed), sample("c3", "code", rewards=mixed),
+            sample("m3", rewards=mixed)]
+    code = DataConfig(domain="code", source="generator", task="experts.tasks:code_samples", size=20, heldout=5)
+
+    def step(quotas: bool):
+        cfg = Config(model="m", data=[DataConfig(**ECHO), code], mix={"math": 1, "code": 1}, prompts_per_step=4,
+                     rollout=RolloutConfig(group_size=2), max_refill_calls=1, domain_quotas=quotas)
+        rollouts, results, m = rollout_groups(cfg, StepPrompts(iter(own + rest), lambda s: False).take,
+                                              fake_generate([]), fake_score, {})
+        keep, _, more = score_and_advantages(rollouts, results, cfg)
+        drawn = [r.sample["id"] for r in rollouts[8::2]]
+        return drawn, sorted({rollouts[i].sample["id"] for i in keep}), m, more
+
+    # Without: 3 of 4 informative, so the refill asks for ceil(1 / (3/4)) = 2 prompts, the next two of any domain.
+    drawn, trained, m, more = step(False)
+    assert drawn == ["c2", "m2"] and trained == ["c0", "c1", "c2", "m1"] and m["refill/groups_drawn"] == 2
+    # With: math has 1 of its 2 (share 1/2), so ceil(1 / (1/2)) = 2 math prompts; c2 and c3 are passed over.
+    drawn, trained, m, more = step(True)
+    assert drawn == ["m2", "m3"] and trained == ["c0", "c1", "m1", "m2"] and m["refill/groups_drawn"] == 2
+    assert more["domain/math/groups_informative"] == 2 and more["domain/code/groups_informative"] == 2
+
+
+def test_a_step_supply_keeps_the_prompts_a_domain_take_passed_over():
+    supply = StepPrompts(iter([sample("c0", "code"), sample("m0"), sample("c1", "code"), sample("m1")]), lambda s: False)
+    assert [s["id"] for s in supply.take(2, "math")] == ["m0", "m1"]
+    assert [s["id"] for s in supply.take(3)] == ["c0", "c1"]
+
+
+def test_domain_quotas_need_a_mix():
+    with pytest.raises(ValidationError, match="domain_quotas: true needs `mix`"):
+        Config(model="m", domain_quotas=True)
