@@ -33,10 +33,7 @@ SENTENCES = [
     "Each part of {t} has its own small role.", "Some towns hold a yearly fair about {t}.",
     "Old pictures show {t} from another age.", "It is easy to learn the basics of {t}.",
 ]
-KEYWORDS = ["history", "simple", "future", "careful", "bright", "shared", "local", "patient",  # the default 8
-            "ancient", "modern", "gentle", "curious", "steady", "golden", "hidden", "humble", "lively", "narrow",
-            "rapid", "silent", "sturdy", "tender", "vivid", "warm", "wild", "fragile", "honest", "clever", "calm",
-            "rare", "noble", "plain"]  # none of them in the templates, so an answer has one only if it copies it
+KEYWORDS = ["history", "simple", "future", "careful", "bright", "shared", "local", "patient"]
 FORBIDDEN = ["very", "really", "thing", "stuff", "basically", "literally"]  # never in the templates
 START = ["In short,", "To begin,", "Here is my answer:", "Well,"]
 END = ["Is there anything else I can help with?", "That is all.", "Thanks for reading."]
@@ -48,8 +45,8 @@ CLASHES = {("json_format", "start_with"), ("json_format", "end_with"), ("json_fo
            ("bullet_count", "sentence_count"), ("paragraph_count", "sentence_count")}
 
 
-def sample_constraint(kind: str, rng: random.Random, keywords: int = 8) -> dict[str, Any]:
-    """Random kwargs for one constraint of type `kind`; `include_keywords` draws from the first `keywords` words."""
+def sample_constraint(kind: str, rng: random.Random) -> dict[str, Any]:
+    """Random kwargs for one constraint of type `kind`."""
     kw: dict[str, Any] = {}
     if kind == "word_count":
         kw = {"min": rng.choice([25, 40, 60])} if rng.random() < 0.5 else {"max": rng.choice([12, 20, 30])}
@@ -57,7 +54,7 @@ def sample_constraint(kind: str, rng: random.Random, keywords: int = 8) -> dict[
         n = rng.randint(2, 5)
         kw = {"min": n, "max": n}
     elif kind == "include_keywords":
-        kw = {"keywords": rng.sample(KEYWORDS[:keywords], rng.randint(1, 2))}
+        kw = {"keywords": rng.sample(KEYWORDS, rng.randint(1, 2))}
     elif kind == "forbid_keywords":
         kw = {"keywords": rng.sample(FORBIDDEN, rng.randint(1, 2))}
     elif kind in ("bullet_count", "paragraph_count"):
@@ -94,8 +91,7 @@ def describe(c: dict[str, Any]) -> str:
     }[t]()
 
 
-def sample_constraints(rng: random.Random, k: int, types: Sequence[str] = tuple(CHECKS),
-                       keywords: int = 8) -> list[dict[str, Any]]:
+def sample_constraints(rng: random.Random, k: int, types: Sequence[str] = tuple(CHECKS)) -> list[dict[str, Any]]:
     """`k` constraints of distinct, compatible types drawn from `types` (fewer if they run out)."""
     chosen: list[str] = []
     for kind in rng.sample(list(types), len(types)):
@@ -105,7 +101,7 @@ def sample_constraints(rng: random.Random, k: int, types: Sequence[str] = tuple(
         chosen.append(kind)
         if len(chosen) == k:
             break
-    return [sample_constraint(kind, rng, keywords) for kind in chosen]
+    return [sample_constraint(kind, rng) for kind in chosen]
 
 
 def reference_answer(topic: str, constraints: Sequence[dict[str, Any]], seed: int) -> str | None:
@@ -152,23 +148,18 @@ def _think(constraints: Sequence[dict[str, Any]]) -> str:
 
 
 def if_samples(n: int, seed: int = 0, k: tuple[int, int] = (1, 3), types: Sequence[str] = tuple(CHECKS),
-               think: bool = True, keywords: int = 8) -> list[dict[str, Any]]:
+               think: bool = True) -> list[dict[str, Any]]:
     """`n` instruction-following samples whose `completion` (the SFT target) meets their constraints.
-
-    `keywords`: how many of `KEYWORDS` an `include_keywords` constraint draws from (at most 32). With the
-    default 8 a tiny model learns which of 8 words to write rather than copying them from the prompt.
 
     >>> s = if_samples(1, seed=3)[0]
     >>> sorted(s), s["domain"], all(check_constraints(s["completion"].split("</think>")[-1], s["meta"]["constraints"]))
     (['answer', 'completion', 'domain', 'id', 'messages', 'meta'], 'instruction', True)
     """
-    if not 1 <= keywords <= len(KEYWORDS):
-        raise ValueError(f"if_samples: keywords={keywords} is not in 1..{len(KEYWORDS)}")
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
     while len(out) < n:
         topic = rng.choice(TOPICS)
-        constraints = sample_constraints(rng, rng.randint(*k), types, keywords)
+        constraints = sample_constraints(rng, rng.randint(*k), types)
         answer = reference_answer(topic, constraints, rng.randrange(2**31))
         if answer is None:
             continue  # an unlucky combination (e.g. at most 12 words but 4 bullets): draw again
