@@ -281,8 +281,8 @@ def test_a_mixed_step_says_which_domains_its_update_comes_from():
 def test_domain_quotas_refill_and_train_each_domain_only_up_to_its_share():
     """prompts_per_step 4, mix 1:1, G = 2. The step's own prompts: math m0 (tied), m1 (informative), code c0, c1
     (both informative): quotas math 2, code 2, math is one short. Without quotas the refill draws the supply's
-    next prompts whatever their domain; with them it draws math only (m2, tied; then m3), and code's surplus
-    informative groups never train. One refill call each."""
+    next prompts whatever their domain; with them it draws math only (m2 and m3, passing c2 and c3 over), and
+    code's surplus informative groups never train. One refill call each."""
     tied, mixed = [1, 1], [0, 1]
     own = [sample("m0", rewards=tied), sample("m1", rewards=mixed), sample("c0", "code", rewards=mixed),
            sample("c1", "code", rewards=mixed)]
