@@ -449,15 +449,20 @@ def group_domains(rollouts: list[Rollout], G: int) -> list[str]:
     return [rollouts[g].domain for g in range(0, len(rollouts), G)]
 
 
+def step_quotas(domains: list[str], P: int) -> Counter:
+    """`domain_quotas`: each domain's count among the step's own P prompts, the first P groups (refills
+    come after them)."""
+    return Counter(domains[:P])
+
+
 def within_quotas(domains: list[str], informative: torch.Tensor, P: int) -> torch.Tensor:
-    """The informative groups that train under `domain_quotas`: a domain's quota is its count among the
-    step's own P prompts (the first P groups: refills come after them), and its first informative groups
-    up to that train.  -> bool [groups]
+    """The informative groups that train under `domain_quotas`: each domain's first informative groups,
+    up to its quota (`step_quotas`).  -> bool [groups]
 
     >>> within_quotas(["m", "m", "c", "c", "c"], torch.tensor([False, True, True, True, True]), P=3).tolist()
     [False, True, True, False, False]
     """
-    quota, used = Counter(domains[:P]), Counter()
+    quota, used = step_quotas(domains, P), Counter()
     train = []
     for d, useful in zip(domains, informative.tolist()):
         train.append(useful and used[d] < quota[d])
@@ -515,9 +520,8 @@ def _refill_size(quota: int, informative: int, share: float) -> int:
 
 def _quota_refills(domains: list[str], informative: torch.Tensor, P: int) -> dict[str, int]:
     """domain_quotas: prompts to draw for each domain, from its own quota and informative share so far."""
-    quota = Counter(domains[:P])
     out = {}
-    for d, q in quota.items():
+    for d, q in step_quotas(domains, P).items():
         mine = torch.tensor([x == d for x in domains])
         out[d] = _refill_size(q, int(informative[mine].sum()), float(informative[mine].float().mean()))
     return out
