@@ -418,10 +418,11 @@ def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], c
         keep &= ~truncated
     idx = keep.nonzero().flatten().tolist()
     scored = rewards[counted]
+    learned = train & informative  # groups whose advantages are not all 0
     metrics = {
         "reward/mean": float(scored.mean()) if len(scored) else 0.0,
         "reward/std": float(scored.std()) if len(scored) > 1 else 0.0,
-        "groups/total": float(len(rewards)), "groups/informative": float((train & informative).sum()),
+        "groups/total": float(len(rewards)), "groups/informative": float(learned.sum()),
         "groups/zero_variance_dropped": float(((counted.sum(-1) >= 2) & ~informative).sum()) if cfg.dynamic_sampling else 0.0,
         "rollouts/reward_failed": float((~counted).sum()), "rollouts/trained": float(len(idx)),
         "response/length_mean": float(lengths.float().mean()) if len(lengths) else 0.0,
@@ -430,7 +431,6 @@ def score_and_advantages(rollouts: list[Rollout], results: list[RewardResult], c
     }
     if len({d.domain for d in cfg.data}) > 1:  # a mixed model: how each domain fares, and its part of the update
         flat, scored_rows = rewards.flatten(), counted.flatten()
-        learned = train & informative  # groups whose advantages are not all 0
         weight = (adv.abs() * lengths).where(keep, torch.zeros(()))  # each row's weight in a token_mean loss
         total = max(float(weight.sum()), 1e-12)
         for d in sorted({r.domain for r in rollouts}):
